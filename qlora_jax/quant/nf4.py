@@ -1,0 +1,301 @@
+"""4-bit NormalFloat (and FP4) blockwise quantization with double quantization, as bitsandbytes.
+
+Layout and rounding follow bitsandbytes' reference kernels (`quantize_4bit` /
+`quantize_blockwise`): the tensor is flattened row-major, cut into blocks of `block_size`,
+each block scaled by the reciprocal of its absmax, and every value rounded to the nearest code
+(ties to the smaller code); two codes share a byte, the first in the high nibble. Double
+quantization subtracts the mean of the float32 absmax values, then stores them with the 8-bit
+dynamic map in blocks of 256. Everything here is pure `jax.numpy`, usable under `jit`, `vmap`
+and `lax.scan`; `NF4Tensor` is a pytree whose leaves may carry leading stacked-layer axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.quant.codebooks import CODES_4BIT, DYNAMIC_CODE, NF4_CODE, rounding_bounds
+
+__all__ = ["NF4_CODE", "NF4Tensor", "dequantize", "quantize", "BLOCK_SIZES"]
+
+# Block sizes bitsandbytes accepts for 4-bit quantization.
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCK_SIZE = 256  # bitsandbytes' block for double quantization of the absmax values
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_TINY = np.float32(1e-38)  # bitsandbytes clamps absmax to this before taking its reciprocal
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Tensor:
+    """A 4-bit quantized tensor: packed codes and (optionally double-quantized) block scales.
+
+    Leaves (each may have the same leading stack axes, e.g. layers):
+      packed         uint8 (..., size // 2): two 4-bit codes per byte, high nibble first.
+      absmax         float32 (..., n_blocks), or uint8 codes of the dynamic map when
+                     double-quantized.
+      nested_absmax  float32 (..., ceil(n_blocks / nested_block_size)), or None.
+      offset         float32 (...,), the mean subtracted before double quantization, or None.
+    Static metadata: the logical `shape` and `dtype` of one tensor, block sizes, quant type.
+    """
+
+    packed: jax.Array
+    absmax: jax.Array
+    nested_absmax: jax.Array | None
+    offset: jax.Array | None
+    shape: tuple[int, ...]
+    dtype: str
+    block_size: int
+    nested_block_size: int | None
+    quant_type: str
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_block_size is not None
+
+    @property
+    def size(self) -> int:
+        """Elements in one logical tensor (not counting stack axes)."""
+        return math.prod(self.shape)
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Leading axes the leaves carry beyond one tensor (e.g. (layers,) when stacked)."""
+        return tuple(self.packed.shape[:-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all leaves (codes and every level of scales)."""
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / (self.size * math.prod(self.stack_shape))
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        return dequantize(self, dtype)
+
+    def to_bnb(self) -> dict[str, Any]:
+        """This tensor as bitsandbytes stores it: `QuantState.as_dict(packed=False)` + `weight`."""
+        if self.stack_shape:
+            raise ValueError(
+                f"to_bnb needs one tensor, got leaves stacked with leading shape {self.stack_shape}"
+            )
+        state: dict[str, Any] = {
+            "weight": np.asarray(self.packed).reshape(-1, 1),
+            "quant_type": self.quant_type,
+            "absmax": np.asarray(self.absmax),
+            "blocksize": self.block_size,
+            "quant_map": CODES_4BIT[self.quant_type].copy(),
+            "dtype": self.dtype,
+            "shape": tuple(self.shape),
+        }
+        if self.double_quant:
+            state.update(
+                nested_absmax=np.asarray(self.nested_absmax),
+                nested_blocksize=self.nested_block_size,
+                nested_quant_map=DYNAMIC_CODE.copy(),
+                nested_dtype="float32",
+                nested_offset=float(np.asarray(self.offset)),
+            )
+        return state
+
+    @classmethod
+    def from_bnb(cls, state: Mapping[str, Any], shape: tuple[int, ...] | None = None,
+                 weight: Any = None) -> NF4Tensor:
+        """Read a bitsandbytes 4-bit weight without re-quantizing.
+
+        `state` is `QuantState.as_dict()` (optionally with `weight`, the packed codes), or the
+        packed form found in pre-quantized HF checkpoints (`absmax`, `quant_map`,
+        `nested_*` tensors and the JSON tensor `quant_state.bitsandbytes__nf4`). Tensors may be
+        numpy arrays or anything `np.asarray` reads (CPU torch tensors included).
+        """
+        state = _unpack_bnb_state(state)
+        if weight is None:
+            if "weight" not in state:
+                raise ValueError("from_bnb needs the packed codes: pass weight= or a 'weight' key")
+            weight = state["weight"]
+        shape = tuple(int(d) for d in (shape if shape is not None else state["shape"]))
+        quant_type = str(state["quant_type"])
+        if quant_type not in CODES_4BIT:
+            raise ValueError(f"quant_type {quant_type!r} is not one of {sorted(CODES_4BIT)}")
+        _check_code(state["quant_map"], CODES_4BIT[quant_type], "quant_map")
+        block_size = int(state["blocksize"])
+        size = math.prod(shape)
+        packed = np.asarray(weight).view(np.uint8).reshape(-1)
+        if packed.size * 2 != size:
+            raise ValueError(f"packed weight holds {packed.size * 2} codes, shape {shape} needs {size}")
+        nested = "nested_absmax" in state
+        if nested:
+            _check_code(state["nested_quant_map"], DYNAMIC_CODE, "nested_quant_map")
+        dtype = str(state.get("dtype", "float32")).replace("torch.", "")
+        return cls(
+            packed=jnp.asarray(packed),
+            absmax=jnp.asarray(np.asarray(state["absmax"]).reshape(-1)),
+            nested_absmax=jnp.asarray(np.asarray(state["nested_absmax"], np.float32).reshape(-1))
+            if nested else None,
+            offset=jnp.asarray(np.float32(np.asarray(state["nested_offset"]))) if nested else None,
+            shape=shape,
+            dtype=jnp.dtype(dtype).name,
+            block_size=block_size,
+            nested_block_size=int(state["nested_blocksize"]) if nested else None,
+            quant_type=quant_type,
+        )
+
+
+jax.tree_util.register_dataclass(
+    NF4Tensor,
+    data_fields=["packed", "absmax", "nested_absmax", "offset"],
+    meta_fields=["shape", "dtype", "block_size", "nested_block_size", "quant_type"],
+)
+
+
+def _unpack_bnb_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand the packed (safetensors) QuantState form: its JSON tensor holds the scalars."""
+    state = dict(state)
+    json_keys = [k for k in state if k.startswith("quant_state.bitsandbytes__")]
+    for key in json_keys:
+        raw = bytes(np.asarray(state.pop(key)).astype(np.uint8).tobytes())
+        state.update(json.loads(raw.decode("utf-8")))
+    missing = [k for k in ("quant_type", "absmax", "blocksize", "quant_map") if k not in state]
+    if missing:
+        raise ValueError(f"bitsandbytes state lacks {missing}; keys present: {sorted(state)}")
+    return state
+
+
+def _check_code(code: Any, expected: np.ndarray, name: str) -> None:
+    got = np.asarray(code, dtype=np.float32).reshape(-1)
+    if got.shape != expected.shape or not np.array_equal(got.view(np.uint32), expected.view(np.uint32)):
+        raise ValueError(f"{name} differs from bitsandbytes' standard table; custom maps are not supported")
+
+
+def _validate(w: jax.Array, block_size: int, quant_type: str) -> None:
+    if quant_type not in CODES_4BIT:
+        raise ValueError(f"quant_type {quant_type!r} is not one of {sorted(CODES_4BIT)}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not one of {BLOCK_SIZES}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"cannot quantize a tensor of shape {tuple(w.shape)} and dtype {w.dtype}: "
+            "only float32, bfloat16 and float16 are supported"
+        )
+    if w.size == 0 or w.size % block_size:
+        raise ValueError(
+            f"cannot quantize a tensor of shape {tuple(w.shape)} ({w.size} elements): "
+            f"its size must be a positive multiple of block_size={block_size}"
+        )
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
+        raise ValueError(
+            f"cannot quantize a tensor of shape {tuple(w.shape)}: it contains NaN or inf values"
+        )
+
+
+def _block_scale(x_NxB: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-block absmax and the reciprocal bitsandbytes multiplies by (0 for all-zero blocks)."""
+    absmax_N = jnp.max(jnp.abs(x_NxB), axis=-1)
+    safe_N = jnp.maximum(absmax_N, _TINY)
+    recip_N = jnp.where(absmax_N > 0, 1.0 / safe_N, 0.0).astype(jnp.float32)
+    return absmax_N, recip_N
+
+
+def _round_to_code(scaled: jax.Array, code: np.ndarray) -> jax.Array:
+    bounds, order = rounding_bounds(code)
+    idx = jnp.searchsorted(jnp.asarray(bounds), scaled, side="left", method="compare_all")
+    return jnp.asarray(order)[idx]
+
+
+def quantize_blockwise_4bit(
+    w: jax.Array, block_size: int, quant_type: str
+) -> tuple[jax.Array, jax.Array]:
+    """Flattened `w` -> (packed uint8 (size // 2,), float32 absmax (size // block_size,))."""
+    x_NxB = w.astype(jnp.float32).reshape(-1, block_size)
+    absmax_N, recip_N = _block_scale(x_NxB)
+    scaled = jnp.clip(x_NxB * recip_N[:, None], -1.0, 1.0).reshape(-1, 2)
+    codes = _round_to_code(scaled, CODES_4BIT[quant_type])
+    packed = (codes[:, 0] << 4) | codes[:, 1]
+    return packed.astype(jnp.uint8), absmax_N
+
+
+def quantize_blockwise_8bit(x: jax.Array, block_size: int = NESTED_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+    """1-D float32 `x` -> (uint8 dynamic-map codes, float32 absmax per block).
+
+    A short last block is allowed and, as in bitsandbytes' reference kernel, divided by its
+    absmax rather than multiplied by the reciprocal."""
+    n = x.shape[0]
+    n_blocks = -(-n // block_size)
+    x_NxB = jnp.pad(x, (0, n_blocks * block_size - n)).reshape(n_blocks, block_size)
+    absmax_N, recip_N = _block_scale(x_NxB)
+    scaled = x_NxB * recip_N[:, None]
+    if n % block_size:
+        last = n_blocks - 1
+        # bitsandbytes clamps (and stores) a short last block's absmax at 1e-38; select rather
+        # than max() so a flush-to-zero backend keeps the subnormal.
+        absmax_last = jnp.where(absmax_N[last] > 0, absmax_N[last], _TINY)
+        absmax_N = absmax_N.at[last].set(absmax_last)
+        divided = jnp.where(x_NxB[last] != 0, x_NxB[last] / absmax_last, 0.0)
+        scaled = scaled.at[last].set(divided)
+    codes = _round_to_code(jnp.clip(scaled, -1.0, 1.0), DYNAMIC_CODE)
+    return codes.reshape(-1)[:n].astype(jnp.uint8), absmax_N
+
+
+def quantize(
+    w: jax.Array,
+    block_size: int = 64,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    dq_offset: jax.Array | float | None = None,
+) -> NF4Tensor:
+    """Quantize `w` (float32/bf16/fp16, size divisible by `block_size`) to 4 bits per value.
+
+    `dq_offset` overrides the mean subtracted from the absmax values before double quantization.
+    bitsandbytes takes it from `torch.mean`, whose float32 rounding depends on torch's reduction
+    order; pass its `nested_offset` to reproduce a bitsandbytes quantization byte for byte.
+    """
+    w = jnp.asarray(w)
+    _validate(w, block_size, quant_type)
+    packed, absmax = quantize_blockwise_4bit(w, block_size, quant_type)
+    nested_absmax = offset = None
+    if double_quant:
+        offset = jnp.mean(absmax) if dq_offset is None else jnp.asarray(dq_offset, jnp.float32)
+        absmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCK_SIZE)
+    return NF4Tensor(
+        packed=packed,
+        absmax=absmax,
+        nested_absmax=nested_absmax,
+        offset=offset,
+        shape=tuple(w.shape),
+        dtype=jnp.dtype(w.dtype).name,
+        block_size=block_size,
+        nested_block_size=NESTED_BLOCK_SIZE if double_quant else None,
+        quant_type=quant_type,
+    )
+
+
+def block_absmax(q: NF4Tensor) -> jax.Array:
+    """float32 scale of every 4-bit block, (..., n_blocks); undoes double quantization."""
+    if not q.double_quant:
+        return q.absmax
+    n_blocks = q.absmax.shape[-1]
+    n_nested = q.nested_absmax.shape[-1]
+    pad = [(0, 0)] * (q.absmax.ndim - 1) + [(0, n_nested * q.nested_block_size - n_blocks)]
+    padded = jnp.pad(q.absmax, pad)
+    codes = jnp.asarray(DYNAMIC_CODE)[padded.reshape(*q.stack_shape, n_nested, q.nested_block_size)]
+    scaled = (codes * q.nested_absmax[..., None]).reshape(*q.stack_shape, -1)[..., :n_blocks]
+    return scaled + jnp.asarray(q.offset)[..., None]
+
+
+def dequantize(q: NF4Tensor, dtype: Any = None) -> jax.Array:
+    """Rebuild the tensor (with any stack axes) in `dtype` (default: the quantized input's)."""
+    dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    absmax = block_absmax(q)
+    codes = jnp.stack([q.packed >> 4, q.packed & 0xF], axis=-1)
+    values = jnp.asarray(CODES_4BIT[q.quant_type])[codes.astype(jnp.int32)]
+    values_NxB = values.reshape(*q.stack_shape, -1, q.block_size)
+    out = values_NxB * absmax[..., None]
+    return out.astype(dtype).reshape(*q.stack_shape, *q.shape)
