@@ -62,7 +62,7 @@ def main() -> None:
     for kind in LINEAR_KINDS:
         r = rows[kind]
         n = r["tensors"]
-        total.update({k: v for k, v in r.items()})
+        total.update(r)
         print(
             f"{kind:<12}{n:>8.0f}{r['params']:>12,.0f}{r['bf16_bytes'] / 2**20:>10.2f}"
             f"{r['nf4_bytes'] / 2**20:>9.2f}{8 * r['nf4_bytes'] / r['params']:>11.3f}"
