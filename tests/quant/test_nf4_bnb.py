@@ -93,7 +93,7 @@ def test_double_quant_bitexact(shape, dtype, quant_type):
     assert np.array_equal(bits(q.offset), bits(state.offset))
 
     ref_state = bnbF.QuantState.from_dict(
-        {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
+        {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v)
          for k, v in q.to_bnb().items() if k != "weight"},
         device="cpu",
     )
