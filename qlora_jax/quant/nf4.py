@@ -127,8 +127,7 @@ class NF4Tensor:
             weight = state["weight"]
         shape = tuple(int(d) for d in (shape if shape is not None else state["shape"]))
         quant_type = str(state["quant_type"])
-        if quant_type not in CODES_4BIT:
-            raise ValueError(f"quant_type {quant_type!r} is not one of {sorted(CODES_4BIT)}")
+        _check_quant_type(quant_type)
         _check_code(state["quant_map"], CODES_4BIT[quant_type], "quant_map")
         block_size = int(state["blocksize"])
         size = math.prod(shape)
@@ -179,9 +178,13 @@ def _check_code(code: Any, expected: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} differs from bitsandbytes' standard table; custom maps are not supported")
 
 
-def _validate(w: jax.Array, block_size: int, quant_type: str) -> None:
+def _check_quant_type(quant_type: str) -> None:
     if quant_type not in CODES_4BIT:
         raise ValueError(f"quant_type {quant_type!r} is not one of {sorted(CODES_4BIT)}")
+
+
+def _validate(w: jax.Array, block_size: int, quant_type: str) -> None:
+    _check_quant_type(quant_type)
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not one of {BLOCK_SIZES}")
     if w.dtype not in _FLOAT_DTYPES:
