@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,16 @@ def quantize_report(path: str) -> dict[str, dict[str, float]]:
     return rows
 
 
+def _format_row(label: str, r: Mapping[str, float]) -> str:
+    """One table line: sizes, bits/param and the RMS over tensors of each relative error."""
+    n = r["tensors"]
+    return (
+        f"{label:<12}{n:>8.0f}{r['params']:>12,.0f}{r['bf16_bytes'] / 2**20:>10.2f}"
+        f"{r['nf4_bytes'] / 2**20:>9.2f}{8 * r['nf4_bytes'] / r['params']:>11.3f}"
+        f"{np.sqrt(r['nf4_err_sq'] / n):>13.4f}{np.sqrt(r['fp4_err_sq'] / n):>13.4f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default=None, help="GGUF file (default: embedded SmolLM2-135M)")
@@ -60,21 +71,9 @@ def main() -> None:
     print(header + f"{'bits/param':>11}{'NF4 rel-RMS':>13}{'FP4 rel-RMS':>13}")
     total = collections.Counter()
     for kind in LINEAR_KINDS:
-        r = rows[kind]
-        n = r["tensors"]
-        total.update(r)
-        print(
-            f"{kind:<12}{n:>8.0f}{r['params']:>12,.0f}{r['bf16_bytes'] / 2**20:>10.2f}"
-            f"{r['nf4_bytes'] / 2**20:>9.2f}{8 * r['nf4_bytes'] / r['params']:>11.3f}"
-            f"{np.sqrt(r['nf4_err_sq'] / n):>13.4f}{np.sqrt(r['fp4_err_sq'] / n):>13.4f}"
-        )
-    print(
-        f"{'all':<12}{total['tensors']:>8.0f}{total['params']:>12,.0f}"
-        f"{total['bf16_bytes'] / 2**20:>10.2f}{total['nf4_bytes'] / 2**20:>9.2f}"
-        f"{8 * total['nf4_bytes'] / total['params']:>11.3f}"
-        f"{np.sqrt(total['nf4_err_sq'] / total['tensors']):>13.4f}"
-        f"{np.sqrt(total['fp4_err_sq'] / total['tensors']):>13.4f}"
-    )
+        total.update(rows[kind])
+        print(_format_row(kind, rows[kind]))
+    print(_format_row("all", total))
     print(f"\nread, quantized and checked in {seconds:.1f} s on {jax.devices()[0].platform}")
 
 
