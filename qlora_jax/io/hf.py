@@ -1,0 +1,189 @@
+"""Load LLaMA-family checkpoints (HF directory or GGUF file) into a config and a frozen tree.
+
+Streamed: tensors are read one at a time, linears quantized as they arrive, so host memory holds
+the quantized model plus one tensor, never the whole model in 16 bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
+from qlora_jax.models.frozen import Quantization, build_frozen
+
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".gguf")
+
+
+def load(
+    path: str, quant: Quantization, storage_dtype: str, **runtime: Any
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """(config, frozen tree of numpy arrays) from a HF directory or a .gguf file."""
+    if is_gguf(path):
+        cfg, read = _gguf_source(path, runtime)
+    elif os.path.isdir(path):
+        cfg, read = _hf_source(path, runtime)
+    else:
+        raise FileNotFoundError(
+            f"no model at {path!r}: expected a HF directory with config.json or a .gguf file"
+        )
+    return cfg, build_frozen(cfg, read, quant, storage_dtype)
+
+
+# --- Hugging Face directories -------------------------------------------------------------------
+
+
+def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callable[[str], np.ndarray]]:
+    from qlora_jax.io.safetensors_stream import SafetensorsFile
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path} has no config.json")
+    with open(config_path) as f:
+        cfg = from_hf_config(json.load(f), **runtime)
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        weight_map = {
+            name: "model.safetensors"
+            for name in SafetensorsFile(os.path.join(path, "model.safetensors")).names()
+        }
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    files: dict[str, SafetensorsFile] = {}
+
+    def read(name: str) -> np.ndarray:
+        if name not in weight_map:
+            raise KeyError(f"{path}: checkpoint has no tensor {name!r}")
+        file = weight_map[name]
+        if file not in files:
+            files[file] = SafetensorsFile(os.path.join(path, file))
+        return files[file].read(name)
+
+    return cfg, read
+
+
+# --- GGUF files ---------------------------------------------------------------------------------
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    values = [field.parts[i] for i in field.data]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(values[0]).decode()
+    scalars = [v.item() if v.size == 1 else v.tolist() for v in values]
+    return scalars[0] if len(scalars) == 1 else scalars
+
+
+def gguf_config(reader: Any, **runtime: Any) -> LlamaConfig:
+    """LlamaConfig from a GGUF file's llama.* metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; valid: 'llama'")
+    names = {t.name for t in reader.tensors}
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    num_heads = int(_field(reader, "llama.attention.head_count"))
+    scaling_type = _field(reader, "llama.rope.scaling.type", "none")
+    scaling = RopeScaling()
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", float(_field(reader, "llama.rope.scaling.factor")))
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported; valid: none, linear")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=int(embed.shape[-1]),
+        hidden_size=int(_field(reader, "llama.embedding_length")),
+        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
+        num_layers=int(_field(reader, "llama.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", num_heads)),
+        rms_norm_eps=float(np.float32(_field(reader, "llama.attention.layer_norm_rms_epsilon"))),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(_field(reader, "llama.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        **runtime,
+    )
+
+
+def unpermute_qk(w_OxI: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's rotate-half)."""
+    out_dim = w_OxI.shape[0]
+    return (
+        w_OxI.reshape(heads, out_dim // heads // 2, 2, *w_OxI.shape[1:]).swapaxes(1, 2).reshape(w_OxI.shape)
+    )
+
+
+def _gguf_name(name: str) -> str:
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = name.split(".", 3)
+    module, param = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GGUF_NAMES[module]}.{param}"
+
+
+def _gguf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callable[[str], np.ndarray]]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    cfg = gguf_config(reader, **runtime)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        gguf_name = _gguf_name(name)
+        if gguf_name not in tensors:
+            raise KeyError(f"{path}: GGUF file has no tensor {gguf_name!r} (for {name})")
+        tensor = tensors[gguf_name]
+        try:
+            values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        except NotImplementedError as err:
+            raise ValueError(
+                f"{path}: {gguf_name} has GGUF type {tensor.tensor_type.name}, "
+                "which the gguf package cannot dequantize"
+            ) from err
+        if name.endswith("q_proj.weight"):
+            values = unpermute_qk(values, cfg.num_heads)
+        elif name.endswith("k_proj.weight"):
+            values = unpermute_qk(values, cfg.num_kv_heads)
+        return values
+
+    return cfg, read
+
+
+def load_tokenizer(path: str):
+    """The transformers tokenizer of a HF directory or a GGUF file (built from its metadata)."""
+    from transformers import AutoTokenizer
+
+    if is_gguf(path):
+        directory, name = os.path.split(os.path.abspath(path))
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,1 @@
+"""The LLaMA-family decoder: config, named shapes, RoPE, the linear layer and the Flax model."""

@@ -1,0 +1,45 @@
+"""Attention masks (causal, padding, packed segments, KV cache) and positions derived from them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where the segment id changes (packed sequences)."""
+    t = jnp.arange(segment_ids_BxT.shape[1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]],
+        axis=1,
+    )
+    start_index = jax.lax.cummax(jnp.where(starts, t[None, :], 0), axis=1)
+    return t[None, :] - start_index
+
+
+def padded_positions(attention_mask_BxT: jax.Array, offset_B: jax.Array | int = 0) -> jax.Array:
+    """Positions that count only real tokens (left padding gets position 0), as HF generate."""
+    counted = jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=1) - 1
+    return jnp.maximum(counted, 0) + jnp.asarray(offset_B).reshape(-1, 1)
+
+
+def self_attention_mask(
+    attention_mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None, length: int
+) -> jax.Array | None:
+    """(B, 1, T, T) bool mask, or None when plain causal attention suffices (the flash path)."""
+    if attention_mask_BxT is None and segment_ids_BxT is None:
+        return None
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if attention_mask_BxT is not None:
+        mask = mask & attention_mask_BxT.astype(bool)[:, None, None, :]
+    if segment_ids_BxT is not None:
+        mask = mask & (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
+    return mask
+
+
+def cache_attention_mask(key_valid_BxS: jax.Array, write_index: jax.Array, length: int) -> jax.Array:
+    """(B, 1, T, S) bool mask for T new queries written at cache slots [write_index, write_index+T)."""
+    slots = jnp.arange(key_valid_BxS.shape[1])
+    query_slots = write_index + jnp.arange(length)
+    causal_TxS = slots[None, :] <= query_slots[:, None]
+    return causal_TxS[None, None] & key_valid_BxS[:, None, None, :]

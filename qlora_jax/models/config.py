@@ -1,0 +1,173 @@
+"""LlamaConfig: the architecture of a LLaMA-style decoder and how to run it, read from HF or GGUF."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+REMAT_POLICIES = (
+    "none",  # keep every activation (no rematerialization)
+    "full",  # save only the layer inputs, recompute the rest in backward
+    "dots_saveable",  # keep matmul outputs, recompute elementwise work
+    "dots_with_no_batch_dims_saveable",  # keep weight matmul outputs, recompute attention
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary embedding frequencies: HF's `rope_scaling` / `rope_parameters` (rope_type != default)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int | None = None  # llama3 only
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; valid: {ROPE_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of the decoder plus runtime choices (dtype, scan, remat, attention kernel)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    # How to run it (not part of the checkpoint).
+    dtype: str = "bfloat16"  # compute dtype of matmuls and the residual stream
+    scan_layers: bool = True  # False unrolls the layer loop (longer compile, sometimes faster)
+    remat_policy: str = "none"
+    attention_impl: str | None = None  # None: cuDNN flash attention when possible, else XLA
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} unknown; valid: {REMAT_POLICIES}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the base model (embeddings, linears, norms, untied head)."""
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        bias = (h * (self.num_heads + 2 * self.num_kv_heads)) if self.attention_bias else 0
+        bias += (2 * f + d) if self.mlp_bias else 0
+        layer = attn + 3 * d * f + 2 * d + bias
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling]:
+    """transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = dict(hf.get("rope_scaling") or {}) or params
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), RopeScaling()
+    original = scaling.get("original_max_position_embeddings")
+    return float(theta), RopeScaling(
+        rope_type=rope_type,
+        factor=float(scaling.get("factor", 1.0)),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=None if original is None else int(original),
+    )
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
+
+
+def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
+    """Build a LlamaConfig from a transformers `config.json` dict (llama, mistral, qwen2-style)."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
+    theta, scaling = _rope_from_hf(hf)
+    num_heads = int(hf["num_attention_heads"])
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_token_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+        **runtime,
+    )
+
+
+def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
+    """The transformers LlamaConfig dict for this architecture (for export and PyTorch comparison)."""
+    rope: dict[str, Any] = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.rope_type != "default":
+        rope["factor"] = cfg.rope_scaling.factor
+    if cfg.rope_scaling.rope_type == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_scaling.low_freq_factor,
+            high_freq_factor=cfg.rope_scaling.high_freq_factor,
+            original_max_position_embeddings=cfg.rope_scaling.original_max_position_embeddings,
+        )
+    eos = list(cfg.eos_token_ids)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope if cfg.rope_scaling.rope_type != "default" else None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }

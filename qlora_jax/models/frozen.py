@@ -1,0 +1,197 @@
+"""Build the frozen tree (base weights, linears quantized) layer by layer from any tensor source.
+
+The tree mirrors HF names with layers stacked on axis 0:
+  {"embed_tokens": {"weight"}, "layers": {"input_layernorm": {"weight"}, "self_attn": {"q_proj":
+  {"weight", "bias"?}, ...}, "post_attention_layernorm": {...}, "mlp": {...}}, "norm": {"weight"},
+  "lm_head": {"weight"} (untied only)}
+Linear weights keep PyTorch's (out, in) order, as NF4Tensor or dense arrays; norms are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.quant import nf4
+
+LINEARS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+QUANTIZATIONS = ("nf4", "fp4", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How linear weights are stored: NF4/FP4 with bitsandbytes' knobs, or dense (None)."""
+
+    quant_type: str | None = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    lm_head: bool = False  # quantize the untied output projection too
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANTIZATIONS:
+            raise ValueError(f"quantization {self.quant_type!r} unknown; valid: {QUANTIZATIONS}")
+
+
+def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
+    """(out, in) of every per-layer projection, keyed by (group, name)."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    return {
+        ("self_attn", "q_proj"): (cfg.num_heads * h, d),
+        ("self_attn", "k_proj"): (cfg.num_kv_heads * h, d),
+        ("self_attn", "v_proj"): (cfg.num_kv_heads * h, d),
+        ("self_attn", "o_proj"): (d, cfg.num_heads * h),
+        ("mlp", "gate_proj"): (f, d),
+        ("mlp", "up_proj"): (f, d),
+        ("mlp", "down_proj"): (d, f),
+    }
+
+
+def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:
+    if group == "mlp":
+        return cfg.mlp_bias
+    return cfg.attention_bias and name != "o_proj"
+
+
+@functools.partial(jax.jit, static_argnames=("quant", "dtype"))
+def _quantize(w: jax.Array, quant: Quantization, dtype: str) -> nf4.NF4Tensor:
+    return nf4.quantize(w.astype(dtype), quant.block_size, quant.double_quant, quant.quant_type)
+
+
+def store_linear(w_OxI: Any, quant: Quantization, dtype: str):
+    """One (out, in) weight as it lives in the frozen tree: NF4Tensor or dense `dtype` array."""
+    if quant.quant_type is None:
+        return jnp.asarray(w_OxI, dtype)
+    return _quantize(jnp.asarray(w_OxI), quant, dtype)
+
+
+class _LayerStack:
+    """Host buffers of shape (num_layers, ...) per leaf, filled one layer at a time."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.buffers: list[np.ndarray] | None = None
+        self.treedef = None
+
+    def put(self, index: int, value: Any) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(value)
+        if self.buffers is None:
+            self.treedef = treedef
+            self.buffers = [np.empty((self.num_layers, *np.shape(x)), np.asarray(x).dtype) for x in leaves]
+        for buffer, leaf in zip(self.buffers, leaves, strict=True):
+            buffer[index] = np.asarray(leaf)
+
+    def result(self) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, self.buffers)
+
+
+def build_frozen(
+    cfg: LlamaConfig,
+    read: Callable[[str], Any],
+    quant: Quantization,
+    dtype: str,
+) -> dict[str, Any]:
+    """The frozen tree on host, layer by layer: only one layer's unquantized weights exist at a time.
+
+    read(name) returns the tensor with HF's LlamaForCausalLM name, e.g.
+    "model.layers.3.self_attn.q_proj.weight", as a numpy array.
+    """
+    stacks: dict[tuple[str, ...], _LayerStack] = {}
+
+    def put(key: tuple[str, ...], index: int, value: Any) -> None:
+        stacks.setdefault(key, _LayerStack(cfg.num_layers)).put(index, value)
+
+    for i in range(cfg.num_layers):
+        for norm in LAYER_NORMS:
+            put((norm, "weight"), i, np.asarray(read(f"model.layers.{i}.{norm}.weight"), np.float32))
+        for (group, name), (out_dim, in_dim) in linear_shapes(cfg).items():
+            w = read(f"model.layers.{i}.{group}.{name}.weight")
+            if tuple(np.shape(w)) != (out_dim, in_dim):
+                raise ValueError(
+                    f"layer {i} {group}.{name}.weight has shape {tuple(np.shape(w))}, "
+                    f"expected {(out_dim, in_dim)} from the config"
+                )
+            put((group, name, "weight"), i, store_linear(w, quant, dtype))
+            if has_bias(cfg, group, name):
+                put(
+                    (group, name, "bias"),
+                    i,
+                    np.asarray(read(f"model.layers.{i}.{group}.{name}.bias")).astype(jnp.dtype(dtype)),
+                )
+    layers: dict[str, Any] = {}
+    for key, stack in stacks.items():
+        node = layers
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = stack.result()
+    frozen = {
+        "embed_tokens": {"weight": np.asarray(read("model.embed_tokens.weight")).astype(jnp.dtype(dtype))},
+        "layers": layers,
+        "norm": {"weight": np.asarray(read("model.norm.weight"), np.float32)},
+    }
+    if not cfg.tie_word_embeddings:
+        head_quant = quant if quant.lm_head else Quantization(None)
+        frozen["lm_head"] = {
+            "weight": jax.device_get(store_linear(read("lm_head.weight"), head_quant, dtype))
+        }
+    return frozen
+
+
+def random_init(
+    cfg: LlamaConfig,
+    rng: jax.Array,
+    quant: Quantization = Quantization(),
+    dtype: str = "bfloat16",
+    std: float = 0.02,
+) -> dict[str, Any]:
+    """A frozen tree of random weights built on the default device, quantized one layer at a time.
+
+    Layers are generated inside `lax.map`, so device memory never holds more than one layer's
+    16-bit weights next to the quantized stack: a 70B-shape model fits where its NF4 form fits.
+    """
+    shapes = linear_shapes(cfg)
+
+    def one_layer(key: jax.Array) -> dict[str, Any]:
+        keys = dict(zip(shapes, jax.random.split(key, len(shapes)), strict=True))
+        layer: dict[str, Any] = {
+            norm: {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)} for norm in LAYER_NORMS
+        }
+        for (group, name), shape in shapes.items():
+            w = (std * jax.random.normal(keys[(group, name)], shape, jnp.float32)).astype(dtype)
+            entry = {"weight": store_linear(w, quant, dtype)}
+            if has_bias(cfg, group, name):
+                entry["bias"] = jnp.zeros((shape[0],), dtype)
+            layer.setdefault(group, {})[name] = entry
+        return layer
+
+    @jax.jit
+    def build(key: jax.Array) -> dict[str, Any]:
+        k_embed, k_head, k_layers = jax.random.split(key, 3)
+        embed = (std * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size), jnp.float32)).astype(
+            dtype
+        )
+        frozen = {
+            "embed_tokens": {"weight": embed},
+            "layers": jax.lax.map(one_layer, jax.random.split(k_layers, cfg.num_layers)),
+            "norm": {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)},
+        }
+        if not cfg.tie_word_embeddings:
+            head = std * jax.random.normal(k_head, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+            frozen["lm_head"] = {
+                "weight": store_linear(
+                    head.astype(dtype), quant if quant.lm_head else Quantization(None), dtype
+                )
+            }
+        return frozen
+
+    return build(rng)
