@@ -23,13 +23,22 @@ def padded_positions(attention_mask_BxT: jax.Array, offset_B: jax.Array | int = 
     return jnp.maximum(counted, 0) + jnp.asarray(offset_B).reshape(-1, 1)
 
 
+def _causal(query_slots: jax.Array, key_slots: jax.Array, window: int | None) -> jax.Array:
+    """(T, S): key at or before the query, and within the sliding window when there is one."""
+    mask = key_slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        mask &= key_slots[None, :] > query_slots[:, None] - window
+    return mask
+
+
 def self_attention_mask(
-    attention_mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None, length: int
+    attention_mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None, length: int,
+    window: int | None = None,
 ) -> jax.Array | None:
     """(B, 1, T, T) bool mask, or None when plain causal attention suffices (the flash path)."""
     if attention_mask_BxT is None and segment_ids_BxT is None:
         return None
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    mask = _causal(jnp.arange(length), jnp.arange(length), window)[None, None]
     if attention_mask_BxT is not None:
         mask = mask & attention_mask_BxT.astype(bool)[:, None, None, :]
     if segment_ids_BxT is not None:
@@ -37,9 +46,9 @@ def self_attention_mask(
     return mask
 
 
-def cache_attention_mask(key_valid_BxS: jax.Array, write_index: jax.Array, length: int) -> jax.Array:
+def cache_attention_mask(
+    key_valid_BxS: jax.Array, write_index: jax.Array, length: int, window: int | None = None
+) -> jax.Array:
     """(B, 1, T, S) bool mask for T new queries written at cache slots [write_index, write_index+T)."""
-    slots = jnp.arange(key_valid_BxS.shape[1])
-    query_slots = write_index + jnp.arange(length)
-    causal_TxS = slots[None, :] <= query_slots[:, None]
+    causal_TxS = _causal(write_index + jnp.arange(length), jnp.arange(key_valid_BxS.shape[1]), window)
     return causal_TxS[None, None] & key_valid_BxS[:, None, None, :]

@@ -48,6 +48,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -77,7 +78,7 @@ class LlamaConfig:
         """Parameters of the base model (embeddings, linears, norms, untied head)."""
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        bias = (h * (self.num_heads + 2 * self.num_kv_heads)) if self.attention_bias else 0
+        bias = (h * (self.num_heads + 2 * self.num_kv_heads) + d) if self.attention_bias else 0
         bias += (2 * f + d) if self.mlp_bias else 0
         layer = attn + 3 * d * f + 2 * d + bias
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
@@ -109,7 +110,10 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 
 
 def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
-    """Build a LlamaConfig from a transformers `config.json` dict (llama, mistral, qwen2-style)."""
+    """Build a LlamaConfig from a transformers `config.json` dict (model_type llama or mistral)."""
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise ValueError(f"model_type {model_type!r} is not supported; valid: 'llama', 'mistral'")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
@@ -128,8 +132,9 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+        attention_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
@@ -149,9 +154,11 @@ def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
             original_max_position_embeddings=cfg.rope_scaling.original_max_position_embeddings,
         )
     eos = list(cfg.eos_token_ids)
+    windowed = cfg.sliding_window is not None  # only Mistral has one
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["MistralForCausalLM" if windowed else "LlamaForCausalLM"],
+        "model_type": "mistral" if windowed else "llama",
+        **({"sliding_window": cfg.sliding_window} if windowed else {}),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,

@@ -58,9 +58,8 @@ def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:
-    if group == "mlp":
-        return cfg.mlp_bias
-    return cfg.attention_bias and name != "o_proj"
+    """HF Llama: attention_bias covers q/k/v/o, mlp_bias gate/up/down."""
+    return cfg.mlp_bias if group == "mlp" else cfg.attention_bias
 
 
 @functools.partial(jax.jit, static_argnames=("quant", "dtype"))

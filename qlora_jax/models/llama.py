@@ -47,6 +47,13 @@ class LayerContext(NamedTuple):
     write_index: jax.Array | None
 
 
+def _window(cfg: LlamaConfig, mask: jax.Array | None) -> tuple[int, int] | None:
+    """Sliding window for the mask-free causal path (explicit masks already carry the window)."""
+    if mask is not None or cfg.sliding_window is None:
+        return None
+    return (cfg.sliding_window - 1, 0)
+
+
 class RMSNorm(nn.Module):
     """HF LlamaRMSNorm: normalize in float32, cast back, scale by the (frozen) weight."""
 
@@ -83,6 +90,7 @@ class Attention(nn.Module):
             v.astype(dtype),
             mask=ctx.mask,
             is_causal=ctx.mask is None,
+            local_window_size=_window(cfg, ctx.mask),
             implementation=cfg.attention_impl,
         )
         out = Linear(dtype, name="o_proj")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
@@ -174,7 +182,8 @@ class Llama:
         tokens_BxT = jnp.asarray(tokens_BxT)
         length = tokens_BxT.shape[1]
         if cache is None:
-            mask = attention.self_attention_mask(attention_mask, segment_ids, length)
+            window = self.config.sliding_window
+            mask = attention.self_attention_mask(attention_mask, segment_ids, length, window)
             if positions is None:
                 positions = self._default_positions(tokens_BxT, attention_mask, segment_ids)
             cache_kv = write_index = None
@@ -185,7 +194,7 @@ class Llama:
                 jnp.ones(tokens_BxT.shape, bool) if attention_mask is None else attention_mask.astype(bool)
             )
             valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
-            mask = attention.cache_attention_mask(valid, cache.index, length)
+            mask = attention.cache_attention_mask(valid, cache.index, length, self.config.sliding_window)
             if positions is None:
                 positions = attention.padded_positions(new_valid, cache.next_position)
             cache_kv, write_index = (cache.k, cache.v), cache.index

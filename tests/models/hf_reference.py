@@ -1,0 +1,62 @@
+"""Small random transformers LLaMA models saved as HF checkpoints: the reference our model must match."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+from qlora_jax.models.config import LlamaConfig, to_hf_config
+
+
+def small_config(**changes) -> LlamaConfig:
+    """A 2-layer LLaMA small enough for CPU tests, shaped so every projection is a multiple of 64."""
+    base = dict(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=64,
+        dtype="float32",
+    )
+    return LlamaConfig(**(base | changes))
+
+
+def hf_model(cfg: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A random fp32 transformers model with this architecture (norms and biases randomized too)."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(cfg))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.copy_(
+                    1.0 + 0.1 * torch.randn_like(p)
+                    if name.endswith("norm.weight")
+                    else 0.1 * torch.randn_like(p)
+                )
+    return model
+
+
+def save(model: transformers.PreTrainedModel, path, max_shard_size: str | None = None) -> str:
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    return str(path)
+
+
+def _long(a):
+    return None if a is None else torch.as_tensor(np.asarray(a)).long()
+
+
+def hf_logits(model, tokens, attention_mask=None, position_ids=None) -> np.ndarray:
+    with torch.no_grad():
+        out = model(
+            input_ids=_long(tokens), attention_mask=_long(attention_mask), position_ids=_long(position_ids)
+        )
+    return out.logits.float().numpy()
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref|: the error relative to the logits' scale."""
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())

