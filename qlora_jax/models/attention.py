@@ -32,7 +32,9 @@ def _causal(query_slots: jax.Array, key_slots: jax.Array, window: int | None) ->
 
 
 def self_attention_mask(
-    attention_mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None, length: int,
+    attention_mask_BxT: jax.Array | None,
+    segment_ids_BxT: jax.Array | None,
+    length: int,
     window: int | None = None,
 ) -> jax.Array | None:
     """(B, 1, T, T) bool mask, or None when plain causal attention suffices (the flash path)."""

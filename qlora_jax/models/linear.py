@@ -1,4 +1,8 @@
-"""The one linear layer: a frozen weight (NF4 or dense, torch (out, in) order) + optional LoRA."""
+"""The one linear layer: a frozen weight (NF4 or dense, torch (out, in) order) + optional LoRA.
+
+The frozen product has a custom VJP: backward dequantizes the weight again to form dx, and saves
+only the (4-bit) weight itself, never a 16-bit copy, so training memory keeps the 4-bit base.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize
 
@@ -20,24 +25,67 @@ def dense_weight(weight: FrozenWeight, dtype: Any) -> jax.Array:
     return weight.astype(dtype)
 
 
-def frozen_matmul(x: jax.Array, weight: FrozenWeight) -> jax.Array:
-    """x @ W.T in x's dtype with float32 accumulation; W is never a trainable input here."""
+def _matmul(x: jax.Array, weight: FrozenWeight) -> jax.Array:
     w_OxI = dense_weight(weight, x.dtype)
     return jnp.einsum("...i,oi->...o", x, w_OxI, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+@jax.custom_vjp
+def frozen_matmul(x: jax.Array, weight: FrozenWeight) -> jax.Array:
+    """x @ W.T in x's dtype with float32 accumulation; W is a constant of training (no dW)."""
+    return _matmul(x, weight)
+
+
+def _frozen_matmul_fwd(x, weight):
+    return _matmul(x, weight), weight  # the residual is the stored (4-bit) weight, nothing more
+
+
+def _zero_cotangent(leaf: jax.Array) -> jax.Array:
+    if jnp.issubdtype(leaf.dtype, jnp.integer):
+        return np.zeros(leaf.shape, jax.dtypes.float0)
+    return jnp.zeros_like(leaf)
+
+
+def _frozen_matmul_bwd(weight, dy):
+    w_OxI = dense_weight(weight, dy.dtype)  # re-dequantized here, freed right after
+    dx = jnp.einsum("...o,oi->...i", dy, w_OxI, preferred_element_type=jnp.float32).astype(dy.dtype)
+    return dx, jax.tree.map(_zero_cotangent, weight)
+
+
+frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
+
+
 class Linear(nn.Module):
-    """y = x W^T (+ bias) for the frozen weight found at this module's path in the `frozen` tree."""
+    """y = x W^T + b + scale * dropout(x) A B, with W (and b) from `frozen`, A, B from `lora`.
+
+    Adapters follow peft's LoRA layer; a `bias` in the adapter (trainable bias) replaces the
+    frozen one. Dropout runs only when a "dropout" rng is given.
+    """
 
     dtype: Any = jnp.bfloat16
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.get_variable("frozen", "weight")
         if weight is None:
             raise KeyError(f"frozen tree has no weight for module {'/'.join(self.path)}")
-        y = frozen_matmul(x.astype(self.dtype), weight)
-        bias = self.get_variable("frozen", "bias")
+        x = x.astype(self.dtype)
+        y = frozen_matmul(x, weight)
+        bias = self.get_variable("lora", "bias")
+        if bias is None:
+            bias = self.get_variable("frozen", "bias")
         if bias is not None:
             y = y + bias.astype(self.dtype)
-        return y
+        a = self.get_variable("lora", "a")
+        if a is None:
+            return y
+        h = x
+        if self.dropout > 0.0 and self.has_rng("dropout"):
+            h = nn.Dropout(self.dropout, deterministic=False)(h, rng=self.make_rng("dropout"))
+        b, scale = self.get_variable("lora", "b"), self.get_variable("lora", "scale")
+        h = jnp.einsum("...i,ir->...r", h, a.astype(self.dtype), preferred_element_type=jnp.float32)
+        h = jnp.einsum(
+            "...r,ro->...o", h.astype(self.dtype), b.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return y + (h * jax.lax.stop_gradient(scale)).astype(self.dtype)

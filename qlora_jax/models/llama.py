@@ -70,14 +70,21 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     cfg: LlamaConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = x.shape
-        q = Linear(dtype, name="q_proj")(x).reshape(batch, length, cfg.num_heads, cfg.head_dim)
-        k = Linear(dtype, name="k_proj")(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        v = Linear(dtype, name="v_proj")(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        q = Linear(dtype, self.lora_dropout, name="q_proj")(x).reshape(
+            batch, length, cfg.num_heads, cfg.head_dim
+        )
+        k = Linear(dtype, self.lora_dropout, name="k_proj")(x).reshape(
+            batch, length, cfg.num_kv_heads, cfg.head_dim
+        )
+        v = Linear(dtype, self.lora_dropout, name="v_proj")(x).reshape(
+            batch, length, cfg.num_kv_heads, cfg.head_dim
+        )
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if layer_cache is not None:
             start = (0, ctx.write_index, 0, 0)
@@ -93,32 +100,38 @@ class Attention(nn.Module):
             local_window_size=_window(cfg, ctx.mask),
             implementation=cfg.attention_impl,
         )
-        out = Linear(dtype, name="o_proj")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
+        out = Linear(dtype, self.lora_dropout, name="o_proj")(
+            out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
+        )
         return out, layer_cache
 
 
 class MLP(nn.Module):
     cfg: LlamaConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)
-        gate = Linear(dtype, name="gate_proj")(x)
-        up = Linear(dtype, name="up_proj")(x)
-        return Linear(dtype, name="down_proj")(nn.silu(gate) * up)
+        gate = Linear(dtype, self.lora_dropout, name="gate_proj")(x)
+        up = Linear(dtype, self.lora_dropout, name="up_proj")(x)
+        return Linear(dtype, self.lora_dropout, name="down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        h, layer_cache = Attention(cfg, name="self_attn")(
+        h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), layer_cache, ctx
         )
         x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x))
+        x = x + MLP(cfg, self.lora_dropout, name="mlp")(
+            RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+        )
         return x, layer_cache
 
 
@@ -126,6 +139,7 @@ class Decoder(nn.Module):
     """Token ids -> final hidden states (B, T, D) in the compute dtype; layers scanned."""
 
     cfg: LlamaConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index):
@@ -144,7 +158,7 @@ class Decoder(nn.Module):
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
-        )(cfg, name="layers")
+        )(cfg, self.lora_dropout, name="layers")
         x, cache_kv = layers(x, cache_kv, ctx)
         return RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x), cache_kv
 
@@ -155,9 +169,8 @@ class Llama:
 
     config: LlamaConfig
 
-    @property
-    def module(self) -> Decoder:
-        return Decoder(self.config)
+    def module(self, lora_dropout: float = 0.0) -> Decoder:
+        return Decoder(self.config, lora_dropout)
 
     def apply(
         self,
@@ -170,14 +183,15 @@ class Llama:
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         rng: jax.Array | None = None,
+        lora_dropout: float = 0.0,
         return_hidden: bool = False,
     ):
         """Logits (B, T, vocab) in float32; with `cache`, returns (logits, updated cache).
 
         attention_mask marks real tokens (1) vs padding (0); segment_ids separate packed
-        sequences (attention stays inside a segment, positions restart). `rng` enables
-        dropout in adapters. return_hidden gives the final normalized hidden states instead
-        of logits (for a loss that never materializes all logits at once).
+        sequences (attention stays inside a segment, positions restart). `rng` turns on
+        adapter dropout at rate `lora_dropout` (peft's lora_dropout). return_hidden gives the
+        final normalized hidden states instead of logits (for a chunked loss).
         """
         tokens_BxT = jnp.asarray(tokens_BxT)
         length = tokens_BxT.shape[1]
@@ -199,7 +213,7 @@ class Llama:
                 positions = attention.padded_positions(new_valid, cache.next_position)
             cache_kv, write_index = (cache.k, cache.v), cache.index
         variables = {"frozen": frozen} | ({"lora": lora} if lora else {})
-        hidden, cache_kv = self.module.apply(
+        hidden, cache_kv = self.module(lora_dropout).apply(
             variables,
             tokens_BxT,
             positions,

@@ -111,8 +111,9 @@ class NF4Tensor:
         return state
 
     @classmethod
-    def from_bnb(cls, state: Mapping[str, Any], shape: tuple[int, ...] | None = None,
-                 weight: Any = None) -> NF4Tensor:
+    def from_bnb(
+        cls, state: Mapping[str, Any], shape: tuple[int, ...] | None = None, weight: Any = None
+    ) -> NF4Tensor:
         """Read a bitsandbytes 4-bit weight without re-quantizing.
 
         `state` is `QuantState.as_dict()` (optionally with `weight`, the packed codes), or the
@@ -142,7 +143,8 @@ class NF4Tensor:
             packed=jnp.asarray(packed),
             absmax=jnp.asarray(np.asarray(state["absmax"]).reshape(-1)),
             nested_absmax=jnp.asarray(np.asarray(state["nested_absmax"], np.float32).reshape(-1))
-            if nested else None,
+            if nested
+            else None,
             offset=jnp.asarray(np.float32(np.asarray(state["nested_offset"]))) if nested else None,
             shape=shape,
             dtype=jnp.dtype(dtype).name,
@@ -198,9 +200,7 @@ def _validate(w: jax.Array, block_size: int, quant_type: str) -> None:
             f"its size must be a positive multiple of block_size={block_size}"
         )
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
-        raise ValueError(
-            f"cannot quantize a tensor of shape {tuple(w.shape)}: it contains NaN or inf values"
-        )
+        raise ValueError(f"cannot quantize a tensor of shape {tuple(w.shape)}: it contains NaN or inf values")
 
 
 def _block_scale(x_NxB: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -220,9 +220,7 @@ def _round_to_code(scaled: jax.Array, code: np.ndarray) -> jax.Array:
     return jnp.asarray(order)[idx]
 
 
-def quantize_blockwise_4bit(
-    w: jax.Array, block_size: int, quant_type: str
-) -> tuple[jax.Array, jax.Array]:
+def quantize_blockwise_4bit(w: jax.Array, block_size: int, quant_type: str) -> tuple[jax.Array, jax.Array]:
     """Flattened `w` -> (packed uint8 (size // 2,), float32 absmax (size // block_size,))."""
     x_NxB = w.astype(jnp.float32).reshape(-1, block_size)
     absmax_N, recip_N = _block_scale(x_NxB)

@@ -1,0 +1,110 @@
+"""Peak host memory while loading a synthetic 7B-shape HF checkpoint with NF4 quantization on load.
+
+Writes a random bf16 checkpoint of a preset's shape (one safetensors shard per layer, sharded
+index, as HF does), then loads it in a fresh process with `llama.from_pretrained(...,
+quantization="nf4")` and records that process' peak resident memory (VmHWM) against the size of
+the checkpoint in 16 bits. Usage: python experiments/load_peak_rss.py [--preset llama2-7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+from qlora_jax.io.safetensors_stream import write
+from qlora_jax.models.config import to_hf_config
+from qlora_jax.models.frozen import LAYER_NORMS, linear_shapes
+from qlora_jax.models.presets import preset
+
+
+def write_checkpoint(name: str, directory: str) -> int:
+    """A random bf16 checkpoint of the named shape; returns its bytes. Skips work already done."""
+    cfg = preset(name)
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    weight_map: dict[str, str] = {}
+
+    def shard(file: str, tensors: dict[str, tuple[int, ...]]) -> None:
+        weight_map.update(dict.fromkeys(tensors, file))
+        if os.path.exists(os.path.join(directory, file)):
+            return
+        arrays = {
+            k: (0.02 * rng.standard_normal(s, np.float32)).astype(ml_dtypes.bfloat16)
+            for k, s in tensors.items()
+        }
+        write(os.path.join(directory, file), arrays, metadata={"format": "pt"})
+
+    d, v = cfg.hidden_size, cfg.vocab_size
+    shard(
+        "embed.safetensors",
+        {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d), "model.norm.weight": (d,)},
+    )
+    for i in range(cfg.num_layers):
+        tensors = {f"model.layers.{i}.{n}.weight": (d,) for n in LAYER_NORMS}
+        tensors |= {f"model.layers.{i}.{g}.{n}.weight": s for (g, n), s in linear_shapes(cfg).items()}
+        shard(f"layer{i:03d}.safetensors", tensors)
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(to_hf_config(cfg) | {"torch_dtype": "bfloat16"}, f)
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in set(weight_map.values()))
+
+
+LOAD = """
+import json, sys, time, jax
+from qlora_jax.models import llama
+t = time.time()
+model, frozen = llama.from_pretrained(sys.argv[1], quantization="nf4", dtype="bfloat16")
+jax.block_until_ready(frozen)
+seconds = time.time() - t
+nbytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps({"load_seconds": seconds, "frozen_bytes": nbytes,
+                  "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="llama2-7b")
+    parser.add_argument("--dir", default="/tmp/qlora_jax_synthetic")
+    parser.add_argument("--out", default="experiments/results/load_peak_rss.json")
+    args = parser.parse_args()
+    directory = os.path.join(args.dir, args.preset)
+    t = time.time()
+    checkpoint_bytes = write_checkpoint(args.preset, directory)
+    print(f"checkpoint {checkpoint_bytes / 2**30:.2f} GiB written in {time.time() - t:.0f} s", flush=True)
+    env = os.environ | {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, directory], env=env, check=True, capture_output=True, text=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result |= {
+        "preset": args.preset,
+        "params": preset(args.preset).num_params,
+        "checkpoint_bf16_bytes": checkpoint_bytes,
+        "peak_rss_over_checkpoint": result["peak_rss_bytes"] / checkpoint_bytes,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, JAX_PLATFORMS={env['JAX_PLATFORMS']}",
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    gib = 2**30
+    print(
+        f"{args.preset}: checkpoint {checkpoint_bytes / gib:.2f} GiB bf16 -> frozen NF4 "
+        f"{result['frozen_bytes'] / gib:.2f} GiB; peak RSS {result['peak_rss_bytes'] / gib:.2f} GiB "
+        f"({result['peak_rss_over_checkpoint']:.2f}x the bf16 checkpoint); "
+        f"load {result['load_seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
