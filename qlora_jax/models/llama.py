@@ -284,7 +284,19 @@ def from_pretrained(
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg, frozen = hf.load(path, quant, dtype, dtype=dtype, **runtime)
-    return Llama(cfg), jax.device_put(frozen)
+    return Llama(cfg), _device_put_consuming(frozen)
+
+
+def _device_put_consuming(host_tree: dict[str, Any]) -> Any:
+    """Move a host tree to the device leaf by leaf, freeing each host buffer once it is copied,
+    so host memory peaks at the tree plus one leaf, not twice the tree."""
+    leaves, treedef = jax.tree.flatten(host_tree)
+    host_tree.clear()
+    moved = []
+    for i in range(len(leaves)):
+        moved.append(jax.block_until_ready(jax.device_put(leaves[i])))
+        leaves[i] = None
+    return jax.tree.unflatten(treedef, moved)
 
 
 def random_init(

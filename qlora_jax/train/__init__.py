@@ -1,0 +1,1 @@
+"""Training: optimizer (with host offload), loss, the jitted step, the loop and the CLI."""
