@@ -39,8 +39,9 @@ def bnb_dequantize(packed: torch.Tensor, state) -> np.ndarray:
     if state.nested:
         absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
     op = torch.ops.bitsandbytes.dequantize_4bit.default
-    out = op.redispatch(_REFERENCE_KERNEL, packed, absmax, state.blocksize, state.quant_type, shape,
-                        state.dtype)
+    out = op.redispatch(
+        _REFERENCE_KERNEL, packed, absmax, state.blocksize, state.quant_type, shape, state.dtype
+    )
     return out.float().numpy().reshape(shape)
 
 

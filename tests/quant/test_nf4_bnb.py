@@ -93,8 +93,11 @@ def test_double_quant_bitexact(shape, dtype, quant_type):
     assert np.array_equal(bits(q.offset), bits(state.offset))
 
     ref_state = bnbF.QuantState.from_dict(
-        {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v)
-         for k, v in q.to_bnb().items() if k != "weight"},
+        {
+            k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v)
+            for k, v in q.to_bnb().items()
+            if k != "weight"
+        },
         device="cpu",
     )
     assert np.array_equal(bits(q.dequantize().astype(jnp.float32)), bits(bnb_dequantize(packed, ref_state)))
@@ -141,8 +144,10 @@ def test_from_bnb_packed_safetensors_form_of_linear4bit():
 
     layer = bnb.nn.Linear4bit(320, 192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(
-        torch.from_numpy(_weights((192, 320), seed=5)).to(torch.bfloat16), requires_grad=False,
-        quant_type="nf4", compress_statistics=True,
+        torch.from_numpy(_weights((192, 320), seed=5)).to(torch.bfloat16),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
     )
     layer = layer.to("cpu")  # quantizes
     state_dict = {k.removeprefix("weight."): v for k, v in layer.state_dict().items()}
@@ -175,8 +180,9 @@ def test_to_bnb_layout_matches_quant_state_as_dict():
     quant_type=st.sampled_from(["nf4", "fp4"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_property_matches_bnb_on_random_sizes_and_scales(n_blocks, block_size, log_scale, dtype,
-                                                         quant_type, seed):
+def test_property_matches_bnb_on_random_sizes_and_scales(
+    n_blocks, block_size, log_scale, dtype, quant_type, seed
+):
     w = _weights((n_blocks * block_size,), seed, scale=10.0**log_scale)
     if dtype == "float16":
         w = np.clip(w, -6e4, 6e4)
