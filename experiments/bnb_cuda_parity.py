@@ -49,7 +49,9 @@ def _bits(a):
 def compare(w, quant_type, dtype):
     t_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     packed, state = bnbF.quantize_4bit(
-        torch.from_numpy(w).to(t_dtype).cuda(), blocksize=64, compress_statistics=True,
+        torch.from_numpy(w).to(t_dtype).cuda(),
+        blocksize=64,
+        compress_statistics=True,
         quant_type=quant_type,
     )
     bnb_offset = state.offset.item()
@@ -88,8 +90,13 @@ def main():
         w = _weights(shape, kind, seed)
         for quant_type in ("nf4", "fp4"):
             for dtype in ("bfloat16", "float32"):
-                row = {"case": name, "shape": list(shape), "quant_type": quant_type, "dtype": dtype,
-                       **compare(w, quant_type, dtype)}
+                row = {
+                    "case": name,
+                    "shape": list(shape),
+                    "quant_type": quant_type,
+                    "dtype": dtype,
+                    **compare(w, quant_type, dtype),
+                }
                 rows.append(row)
                 print(json.dumps(row))
     import bitsandbytes

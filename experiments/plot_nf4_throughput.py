@@ -1,6 +1,6 @@
 """Bar plot of experiments/results/nf4_throughput.json against the device's copy bandwidth.
 
-  python experiments/plot_nf4_throughput.py
+python experiments/plot_nf4_throughput.py
 """
 
 import json
