@@ -3,7 +3,7 @@ device vs offloaded to pinned host memory (OptimConfig.offload_state).
 
 Each setting runs in its own process (peak memory statistics are per process). Random NF4 base of
 the preset's shape built on the device, LoRA on all linears, AdamW, bf16 compute.
-Usage: python experiments/offload_benchmark.py [--preset llama2-7b --batch 4 --seq 1024 --r 64]
+Usage: python experiments/offload_benchmark.py [--preset llama2-7b --shapes 4x1024,8x2048 --r 64]
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def child(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="llama2-7b")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--shapes", default="4x1024,8x2048", help="comma-separated batch x sequence length")
+    parser.add_argument("--batch", type=int, default=4, help="internal: the child's batch")
+    parser.add_argument("--seq", type=int, default=1024, help="internal: the child's sequence length")
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--remat", default="full")
     parser.add_argument("--steps", type=int, default=10)
@@ -88,36 +89,48 @@ def main() -> None:
     if args.offload is not None:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
-    runs = []
-    for offload in (0, 1):
-        cmd = [sys.executable, __file__, "--offload", str(offload)] + [
-            f"--{k}={getattr(args, k)}" for k in ("preset", "batch", "seq", "r", "remat", "steps")
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-            raise SystemExit(out.returncode)
-        runs.append(json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:]))
-    on, off = runs
+    comparisons = []
+    for shape in args.shapes.split(","):
+        args.batch, args.seq = (int(v) for v in shape.split("x"))
+        runs = []
+        for offload in (0, 1):
+            cmd = [sys.executable, __file__, "--offload", str(offload)] + [
+                f"--{k}={getattr(args, k)}" for k in ("preset", "batch", "seq", "r", "remat", "steps")
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+                raise SystemExit(out.returncode)
+            runs.append(json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:]))
+        on, off = runs
+        comparisons.append(
+            {
+                "batch": args.batch,
+                "seq": args.seq,
+                "runs": runs,
+                "peak_saved_bytes": on["peak_device_bytes"] - off["peak_device_bytes"],
+                "step_time_overhead": off["step_seconds_median"] / on["step_seconds_median"] - 1,
+            }
+        )
     summary = {
-        "setup": {k: getattr(args, k) for k in ("preset", "batch", "seq", "r", "remat", "steps")}
+        "setup": {k: getattr(args, k) for k in ("preset", "r", "remat", "steps")}
         | {"lora_alpha": 16, "target_modules": "all-linear", "quantization": "nf4+dq", "compute": "bf16"},
-        "runs": runs,
-        "peak_saved_bytes": on["peak_device_bytes"] - off["peak_device_bytes"],
-        "step_time_overhead": off["step_seconds_median"] / on["step_seconds_median"] - 1,
+        "comparisons": comparisons,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
     gib = 2**30
-    for r in runs:
-        print(
-            f"offload={r['offload_state']}: peak {r['peak_device_bytes'] / gib:.2f} GiB, opt state "
-            f"{r['opt_state_bytes'] / gib:.2f} GiB in {r['opt_state_memory_kinds']}, "
-            f"step {r['step_seconds_median'] * 1e3:.0f} ms, {r['tokens_per_second']:.0f} tok/s"
-        )
-    saved, overhead = summary["peak_saved_bytes"] / gib, 100 * summary["step_time_overhead"]
-    print(f"saved {saved:.2f} GiB, step-time overhead {overhead:.1f}%")
+    for c in comparisons:
+        for r in c["runs"]:
+            peak = r["peak_device_bytes"] / gib
+            print(
+                f"{c['batch']}x{c['seq']} offload={r['offload_state']}: peak {peak:.2f} GiB, "
+                f"opt state {r['opt_state_bytes'] / gib:.2f} GiB in {r['opt_state_memory_kinds']}, "
+                f"step {r['step_seconds_median'] * 1e3:.0f} ms, {r['tokens_per_second']:.0f} tok/s"
+            )
+        saved, overhead = c["peak_saved_bytes"] / gib, 100 * c["step_time_overhead"]
+        print(f"{c['batch']}x{c['seq']}: saved {saved:.2f} GiB, step-time overhead {overhead:.1f}%")
 
 
 if __name__ == "__main__":

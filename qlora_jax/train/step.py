@@ -103,11 +103,14 @@ def make_train_step(
         raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
 
     def train_step(lora, opt_state, frozen, batch, rng):
-        if offload:
-            opt_state = jax.device_put(opt_state, _memory(opt_state_shardings, "device"))
         loss, tokens, grads = mean_loss_and_grads(
             model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size
         )
+        if offload:
+            # the barrier makes the host-to-device copy wait for the gradients, so the state
+            # never sits on the device during the forward/backward pass (the activation peak)
+            grads, opt_state = jax.lax.optimization_barrier((grads, opt_state))
+            opt_state = jax.device_put(opt_state, _memory(opt_state_shardings, "device"))
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
         if offload:
