@@ -67,6 +67,7 @@ def child(args: argparse.Namespace) -> dict:
         "tokens_per_second": args.batch * args.seq / float(np.median(times)),
         "loss_last": float(metrics["loss"]),
         "trainable": lora_lib.trainable_parameters_line(model.config, lora_cfg),
+        "attention": llama.attention_implementation(model.config, jax.numpy.bfloat16, None),
         "device": device.device_kind,
         "jax": jax.__version__,
     }

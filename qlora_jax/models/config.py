@@ -56,7 +56,7 @@ class LlamaConfig:
     dtype: str = "bfloat16"  # compute dtype of matmuls and the residual stream
     scan_layers: bool = True  # False unrolls the layer loop (longer compile, sometimes faster)
     remat_policy: str = "none"
-    attention_impl: str | None = None  # None: cuDNN flash attention when possible, else XLA
+    attention_impl: str | None = None  # None: cuDNN flash attention on GPU when it applies, else XLA
 
     def __post_init__(self) -> None:
         if self.head_dim is None:

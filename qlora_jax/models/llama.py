@@ -54,6 +54,17 @@ def _window(cfg: LlamaConfig, mask: jax.Array | None) -> tuple[int, int] | None:
     return (cfg.sliding_window - 1, 0)
 
 
+def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array | None) -> str:
+    """cuDNN flash attention on GPU for bf16/fp16 causal attention without an explicit mask;
+    XLA otherwise (CPU, float32, padding/segment/cache masks). cfg.attention_impl overrides."""
+    if cfg.attention_impl is not None:
+        return cfg.attention_impl
+    flash_ok = (
+        jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+    )
+    return "cudnn" if jax.default_backend() == "gpu" and flash_ok and mask is None else "xla"
+
+
 class RMSNorm(nn.Module):
     """HF LlamaRMSNorm: normalize in float32, cast back, scale by the (frozen) weight."""
 
@@ -98,7 +109,7 @@ class Attention(nn.Module):
             mask=ctx.mask,
             is_causal=ctx.mask is None,
             local_window_size=_window(cfg, ctx.mask),
-            implementation=cfg.attention_impl,
+            implementation=attention_implementation(cfg, q.dtype, ctx.mask),
         )
         out = Linear(dtype, self.lora_dropout, name="o_proj")(
             out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
