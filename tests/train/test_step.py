@@ -65,8 +65,10 @@ def test_offloaded_optimizer_state_lives_in_pinned_host_and_gives_the_same_updat
         kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
         assert kinds == ({"pinned_host"} if offload else {"device"})
         results[offload] = lora
+    # same math; the barrier before the host-to-device copy changes XLA's fusion of the update,
+    # so float32 rounding differs in the last bits (observed <= 1e-7 absolute on values ~1e-2)
     for a, b in zip(jax.tree.leaves(results[False]), jax.tree.leaves(results[True]), strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_only_the_lora_tree_is_differentiated():
