@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m qlora_jax.quant.report
+	$(PY) -m qlora_jax.train --config configs/smollm2_demo.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,117 @@
+"""From a data source to an endless, resumable stream of fixed-shape batches.
+
+Examples are tokenized once. Each epoch shuffles them with (seed, epoch), then packs them (or
+buckets them by length) into rows of static shapes; batches are `batch_size` rows, with a leading
+micro-batch axis when accumulating. The position (epoch, batch) is the iterator's whole state, so
+a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from qlora_jax.data import packing
+from qlora_jax.data.formats import Example, FormatConfig, format_row
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    max_seq_len: int = 512
+    batch_size: int = 8
+    packing: bool = True  # False: one example per row, padded to the smallest bucket that fits
+    buckets: tuple[int, ...] = ()  # bucket lengths when not packing (default: max_seq_len / 4, / 2, / 1)
+    accumulation_steps: int = 1
+    seed: int = 0
+
+    def bucket_lengths(self) -> tuple[int, ...]:
+        if self.buckets:
+            if max(self.buckets) > self.max_seq_len:
+                raise ValueError(f"bucket {max(self.buckets)} exceeds data.max_seq_len={self.max_seq_len}")
+            return tuple(sorted(self.buckets))
+        return tuple(sorted({max(self.max_seq_len // 4, 1), max(self.max_seq_len // 2, 1), self.max_seq_len}))
+
+
+def tokenize(rows: Sequence[dict[str, Any]], tokenizer: Any, fmt: FormatConfig) -> list[Example]:
+    if not rows:
+        raise ValueError("the dataset has no rows")
+    return [format_row(row, tokenizer, fmt, i) for i, row in enumerate(rows)]
+
+
+@dataclasses.dataclass
+class BatchIterator:
+    """Endless batches over `examples`; `state()`/`restore()` give the exact position."""
+
+    examples: list[Example]
+    cfg: BatchingConfig
+    epoch: int = 0
+    index: int = 0  # batch within the epoch
+    truncation: packing.TruncationStats = dataclasses.field(default_factory=packing.TruncationStats)
+    _epoch_batches: list[dict[str, np.ndarray]] | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._epoch_batches = int(state["epoch"]), int(state["index"]), None
+
+    def _build_epoch(self) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng([self.cfg.seed, self.epoch])
+        order = rng.permutation(len(self.examples))
+        shuffled = [self.examples[i] for i in order]
+        stats = packing.TruncationStats()
+        per_batch = self.cfg.batch_size
+        if self.cfg.packing:
+            groups = [packing.pack(shuffled, self.cfg.max_seq_len, stats)]
+        else:
+            groups = list(packing.bucket(shuffled, self.cfg.bucket_lengths(), stats).values())
+        batches = [
+            packing.stack(rows[i : i + per_batch])
+            for rows in groups
+            for i in range(0, len(rows) - per_batch + 1, per_batch)
+        ]
+        if not self.cfg.packing:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.epoch == 0:
+            self.truncation = stats
+        k = self.cfg.accumulation_steps
+        if k > 1:
+            batches = [
+                {key: np.stack([b[key] for b in batches[i : i + k]]) for key in batches[i]}
+                for i in range(0, len(batches) - k + 1, k)
+            ]
+        if not batches:
+            raise ValueError(
+                f"{len(self.examples)} examples make no full batch of {per_batch} rows x {k} micro-batches "
+                f"at max_seq_len={self.cfg.max_seq_len}; lower train.batch_size or add data"
+            )
+        return batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._epoch_batches is None:
+            self._epoch_batches = self._build_epoch()
+        if self.index >= len(self._epoch_batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._epoch_batches = self._build_epoch()
+        batch = self._epoch_batches[self.index]
+        self.index += 1
+        return batch
+
+    def batches_per_epoch(self) -> int:
+        if self._epoch_batches is None:
+            self._epoch_batches = self._build_epoch()
+        return len(self._epoch_batches)
+
+
+def eval_batches(examples: list[Example], cfg: BatchingConfig) -> list[dict[str, np.ndarray]]:
+    """All eval examples packed in order, the last batch filled with empty rows (no loss)."""
+    rows = packing.pack(examples, cfg.max_seq_len)
+    pad = -len(rows) % cfg.batch_size
+    rows += [packing.empty_row(cfg.max_seq_len) for _ in range(pad)]
+    return [packing.stack(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]

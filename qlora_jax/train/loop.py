@@ -1,0 +1,187 @@
+"""The training run, top to bottom: model, adapters, optimizer, data, then one loop of steps.
+
+Step N+1 is dispatched before step N's metrics are pulled to the host, so the device never
+waits for Python; the NaN check runs on those lagged metrics and stops the run at that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from qlora_jax import lora as lora_lib
+from qlora_jax.data import pipeline, sources
+from qlora_jax.data.formats import prompt_and_reference
+from qlora_jax.io.gguf import embedded_model_path
+from qlora_jax.io.hf import load_tokenizer
+from qlora_jax.models import llama
+from qlora_jax.models.presets import PRESETS
+from qlora_jax.train import evaluate, plots, settings
+from qlora_jax.train import step as step_lib
+from qlora_jax.train.metrics import MetricsWriter
+from qlora_jax.train.optim import learning_rate, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def load_model(c: Any) -> tuple[llama.Llama, Any, Any]:
+    """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded)."""
+    path = c.model.path or embedded_model_path()
+    runtime = {"remat_policy": c.model.remat_policy}
+    if path in PRESETS:
+        model, frozen = llama.random_init(
+            path, settings.quantization(c), c.model.dtype, seed=c.train.seed, **runtime
+        )
+        tokenizer = load_tokenizer(c.model.tokenizer) if c.model.tokenizer else None
+        return model, frozen, tokenizer
+    model, frozen = llama.from_pretrained(path, settings.quantization(c), c.model.dtype, **runtime)
+    return model, frozen, load_tokenizer(c.model.tokenizer or path)
+
+
+def _split_eval(c: Any, train_rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    if c.data.eval_path:
+        return train_rows, sources.load_rows(c.data.eval_path, split="eval", seed=seed)
+    n_eval = int(len(train_rows) * c.data.eval_fraction)
+    order = np.random.default_rng(seed).permutation(len(train_rows))
+    return [train_rows[i] for i in order[n_eval:]], [train_rows[i] for i in order[:n_eval]]
+
+
+def _peak_device_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+
+
+def train_and_evaluate(c: Any) -> dict[str, Any]:
+    """Run the configured fine-tune; returns the end-of-run summary (also written to summary.json)."""
+    run_dir = c.output_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=2))
+    lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
+    fmt, batching = settings.format_config(c), settings.batching_config(c)
+
+    model, frozen, tokenizer = load_model(c)
+    if tokenizer is None:
+        raise ValueError(f"model.path={c.model.path!r} is a preset: set model.tokenizer to tokenize data")
+    print(lora_lib.trainable_parameters_line(model.config, lora_cfg))
+    rng = jax.random.key(c.train.seed)
+    init_rng, rng = jax.random.split(rng)
+    lora = lora_lib.init_lora(init_rng, frozen, model.config, lora_cfg)
+    optimizer = make_optimizer(optim_cfg)
+    state_shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, lora))
+    opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
+    train_step = step_lib.make_train_step(
+        model,
+        lora_cfg,
+        optim_cfg,
+        optimizer,
+        state_shardings if optim_cfg.offload_state else None,
+        c.train.loss_chunk,
+    )
+    schedule = learning_rate(optim_cfg)
+
+    train_rows, eval_rows = _split_eval(
+        c, sources.load_rows(c.data.train_path, "train", c.train.seed), c.train.seed
+    )
+    batches = pipeline.BatchIterator(pipeline.tokenize(train_rows, tokenizer, fmt), batching)
+    eval_examples = pipeline.tokenize(eval_rows, tokenizer, fmt) if eval_rows else []
+    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
+    if c.train.eval_batches:
+        eval_set = eval_set[: c.train.eval_batches]
+    print(
+        f"data: {len(train_rows)} train rows -> {batches.batches_per_epoch()} batches/epoch "
+        f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
+    )
+    eval_loss_fn = evaluate.make_eval_loss(model, lora_cfg, c.train.loss_chunk)
+
+    def exact_match(tag: str) -> float | None:
+        n = min(c.train.exact_match_examples, len(eval_rows))
+        if not n:
+            return None
+        prompts, refs = zip(
+            *(prompt_and_reference(r, tokenizer, fmt, i) for i, r in enumerate(eval_rows[:n])), strict=True
+        )
+        acc, pairs = evaluate.exact_match(
+            model, frozen, lora, tokenizer, prompts, refs, c.train.exact_match, c.train.max_new_tokens
+        )
+        print(f"exact match {tag}: {acc:.1%} of {n} held-out examples")
+        for (generated, reference), row in list(zip(pairs, eval_rows, strict=False))[:3]:
+            prompt = row.get(c.data.prompt_key, row.get("instruction", ""))
+            answer, expected = generated.strip()[:60], reference.strip()[:40]
+            print(f"  {str(prompt)[-60:]!r} -> {answer!r} (reference {expected!r})")
+        return acc
+
+    writer = MetricsWriter(run_dir)
+    summary: dict[str, Any] = {"exact_match_before": exact_match("before training")}
+    start = time.perf_counter()
+    tokens_seen = 0.0
+    pending = None  # (step, metrics on device, input tokens) of the previous step
+
+    def log(step: int, metrics: dict, step_seconds: float) -> None:
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+        tokens = float(metrics["tokens"])
+        row = {
+            "loss": loss,
+            "lr": float(schedule(step - 1)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_s": tokens / step_seconds,
+            "step_time_s": step_seconds,
+        }
+        if step % c.train.log_every == 0 or step == c.train.max_steps:
+            writer.write(step, row)
+        bar.set_postfix(
+            loss=f"{loss:.3f}",
+            lr=f"{row['lr']:.2e}",
+            tok_s=f"{row['tokens_per_s']:.0f}",
+            step_s=f"{step_seconds:.2f}",
+        )
+
+    bar = tqdm(range(1, c.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    last_time = time.perf_counter()
+    for step in bar:
+        batch = next(batches)
+        rng, step_rng = jax.random.split(rng)
+        lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step_rng)
+        tokens_seen += float(np.sum(batch["loss_mask"]))
+        if pending is not None:
+            now = time.perf_counter()
+            log(*pending, now - last_time)
+            last_time = now
+        pending = (step, metrics, int(np.count_nonzero(batch["segment_ids"])))
+        if c.train.eval_every and step % c.train.eval_every == 0 and eval_set and step != c.train.max_steps:
+            writer.write(step, {"eval_loss": evaluate.eval_loss(eval_loss_fn, lora, frozen, eval_set)})
+    jax.block_until_ready(pending[1])
+    log(*pending, time.perf_counter() - last_time)
+    bar.close()
+    wall = time.perf_counter() - start
+    if eval_set:
+        summary["eval_loss"] = evaluate.eval_loss(eval_loss_fn, lora, frozen, eval_set)
+        writer.write(c.train.max_steps, {"eval_loss": summary["eval_loss"]})
+    writer.close()
+    summary["exact_match_after"] = exact_match("after training")
+    summary |= {
+        "steps": c.train.max_steps,
+        "loss_tokens": tokens_seen,
+        "train_seconds": wall,
+        "peak_device_bytes": _peak_device_bytes(),
+        "plots": plots.draw(run_dir),
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    peak = summary["peak_device_bytes"]
+    print(
+        f"done: {c.train.max_steps} steps, {tokens_seen:.0f} loss tokens, {wall:.0f} s training"
+        + (f", peak device memory {peak / 2**30:.2f} GiB" if peak else "")
+        + f"; run directory {run_dir}"
+    )
+    return summary

@@ -1,0 +1,34 @@
+"""Run metrics: one JSON object per line in metrics.jsonl, the same scalars in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str):
+        from tensorboardX import SummaryWriter
+
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        row = {"step": step} | {k: float(v) for k, v in values.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for key, value in row.items():
+            if key != "step" and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
