@@ -68,21 +68,22 @@ class BatchIterator:
             groups = [packing.pack(shuffled, self.cfg.max_seq_len, stats)]
         else:
             groups = list(packing.bucket(shuffled, self.cfg.bucket_lengths(), stats).values())
-        batches = [
-            packing.stack(rows[i : i + per_batch])
-            for rows in groups
-            for i in range(0, len(rows) - per_batch + 1, per_batch)
-        ]
+        k = self.cfg.accumulation_steps
+        rows_per_step = per_batch * k
+        batches = []
+        for rows in groups:  # one step never mixes buckets: its micro-batches share a shape
+            for start in range(0, len(rows) - rows_per_step + 1, rows_per_step):
+                micro = [
+                    packing.stack(rows[m : m + per_batch])
+                    for m in range(start, start + rows_per_step, per_batch)
+                ]
+                batches.append(
+                    micro[0] if k == 1 else {key: np.stack([b[key] for b in micro]) for key in micro[0]}
+                )
         if not self.cfg.packing:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         if self.epoch == 0:
             self.truncation = stats
-        k = self.cfg.accumulation_steps
-        if k > 1:
-            batches = [
-                {key: np.stack([b[key] for b in batches[i : i + k]]) for key in batches[i]}
-                for i in range(0, len(batches) - k + 1, k)
-            ]
         if not batches:
             raise ValueError(
                 f"{len(self.examples)} examples make no full batch of {per_batch} rows x {k} micro-batches "

@@ -125,16 +125,16 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     tokens_seen = 0.0
     pending = None  # (step, metrics on device, input tokens) of the previous step
 
-    def log(step: int, metrics: dict, step_seconds: float) -> None:
+    def log(step: int, metrics: dict, input_tokens: int, step_seconds: float) -> None:
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} at step {step}; lower optim.lr or check the data")
-        tokens = float(metrics["tokens"])
         row = {
             "loss": loss,
             "lr": float(schedule(step - 1)),
             "grad_norm": float(metrics["grad_norm"]),
-            "tokens_per_s": tokens / step_seconds,
+            "tokens_per_s": input_tokens / step_seconds,  # non-padding input tokens
+            "loss_tokens": float(metrics["tokens"]),
             "step_time_s": step_seconds,
         }
         if step % c.train.log_every == 0 or step == c.train.max_steps:

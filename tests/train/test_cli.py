@@ -1,0 +1,105 @@
+"""`python -m qlora_jax.train` end to end on a tiny model, and its one-line errors, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qlora_jax.io.gguf import embedded_model_path
+from qlora_jax.io.hf import load_tokenizer
+from tests.models.hf_reference import hf_model, save, small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _train(*overrides: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "qlora_jax.train",
+        "--config",
+        os.path.join(REPO, "configs/smollm2_demo.py"),
+        *overrides,
+    ]
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    save(
+        hf_model(
+            small_config(
+                vocab_size=49152,
+                hidden_size=64,
+                intermediate_size=128,
+                num_heads=2,
+                num_kv_heads=1,
+                tie_word_embeddings=True,
+            )
+        ),
+        path,
+    )
+    load_tokenizer(embedded_model_path()).save_pretrained(path)
+    return str(path)
+
+
+def test_cli_trains_and_writes_the_run_directory(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    out = _train(
+        f"--config.model.path={tiny_model}",
+        "--config.train.max_steps=4",
+        "--config.optim.warmup_steps=1",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=2",
+        "--config.train.eval_batches=1",
+        "--config.train.exact_match_examples=4",
+        "--config.train.max_new_tokens=3",
+        "--config.data.train_path=builtin:addition:64",
+        f"--config.output_dir={run}",
+        "--config.lora.target_modules=q_proj,v_proj",
+        "--config.optim.lr=1e-4",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trainable params:" in out.stdout and "exact match after training" in out.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["optim"]["lr"] == 1e-4 and config["lora"]["target_modules"] == "q_proj,v_proj"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in train_rows)
+    assert train_rows[0]["lr"] == 0.0 and train_rows[1]["lr"] == pytest.approx(1e-4)  # warmup, then cosine
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and 0.0 <= summary["exact_match_after"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "--config.lora.rank=8",
+            "error: unknown config key 'lora.rank': no 'rank' in lora; valid there: ['alpha'",
+        ),
+        (
+            "--config.trian.batch_size=8",
+            "error: unknown config key 'trian.batch_size': no 'trian' in the top level",
+        ),
+        ("--config.lora.r=eight", "flag --config.lora.r=eight: invalid literal for int()"),
+        ("--config.data.train_path=/no/such.jsonl", "error: data file not found: /no/such.jsonl"),
+        ("--config.data.format=sharegpt", "error: data.format 'sharegpt' unknown; valid:"),
+    ],
+)
+def test_bad_configuration_gets_one_line_naming_the_key(tiny_model, tmp_path, override, expected):
+    out = _train(f"--config.model.path={tiny_model}", f"--config.output_dir={tmp_path}", override)
+    assert out.returncode != 0
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr
