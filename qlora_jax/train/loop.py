@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -18,13 +19,15 @@ from tqdm import tqdm
 from qlora_jax import lora as lora_lib
 from qlora_jax.data import pipeline, sources
 from qlora_jax.data.formats import prompt_and_reference
+from qlora_jax.export import export_adapter
+from qlora_jax.io import checkpoint
 from qlora_jax.io.gguf import embedded_model_path
 from qlora_jax.io.hf import load_tokenizer
 from qlora_jax.models import llama
 from qlora_jax.models.presets import PRESETS
 from qlora_jax.train import evaluate, plots, settings
 from qlora_jax.train import step as step_lib
-from qlora_jax.train.metrics import MetricsWriter
+from qlora_jax.train.metrics import MetricsWriter, read_metrics
 from qlora_jax.train.optim import learning_rate, make_optimizer
 
 
@@ -119,10 +122,52 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
             print(f"  {str(prompt)[-60:]!r} -> {answer!r} (reference {expected!r})")
         return acc
 
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    checkpoints = (
+        checkpoint.TrainCheckpoints(ckpt_dir, c.checkpoint.keep) if c.checkpoint.every or c.resume else None
+    )
+    fingerprint = checkpoint.base_fingerprint(model.config, frozen)
+    base_path = c.model.path or embedded_model_path()
+    start_step, tokens_seen = 0, 0.0
+    if c.resume:
+        if c.resume != "auto":
+            raise ValueError(
+                f"resume={c.resume!r} unknown; valid: '' (fresh run) or 'auto' (latest checkpoint)"
+            )
+        latest = checkpoints.latest_step()
+        if latest is None:
+            print(f"resume=auto: no complete checkpoint in {ckpt_dir}, starting fresh")
+        else:
+            lora, opt_state, record = checkpoints.restore(latest, lora, jax.eval_shape(optimizer.init, lora))
+            checkpoint.check_same_base(record, fingerprint, base_path)
+            opt_state = step_lib.place_opt_state(opt_state, optim_cfg, state_shardings)
+            batches.restore(record["data"])
+            rng = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
+            start_step, tokens_seen = latest, record["tokens_seen"]
+            truncate_metrics(run_dir, latest)
+            print(f"resumed from step {latest} ({ckpt_dir})")
+
+    def save_checkpoint(step: int) -> None:
+        record = {
+            "step": step,
+            "data": batches.state(),
+            "rng": np.asarray(jax.random.key_data(rng)).tolist(),
+            "tokens_seen": tokens_seen,
+            "base_path": base_path,
+            "base_fingerprint": fingerprint,
+        }
+        checkpoints.save(step, lora, opt_state, record)
+
+    stop_signal: list[int] = []
+    previous_handlers = {
+        s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
+        for s in (signal.SIGTERM, signal.SIGINT)
+    }
     writer = MetricsWriter(run_dir)
-    summary: dict[str, Any] = {"exact_match_before": exact_match("before training")}
+    summary: dict[str, Any] = {
+        "exact_match_before": exact_match("before training") if not start_step else None
+    }
     start = time.perf_counter()
-    tokens_seen = 0.0
     pending = None  # (step, metrics on device, input tokens) of the previous step
 
     def log(step: int, metrics: dict, input_tokens: int, step_seconds: float) -> None:
@@ -146,42 +191,85 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
             step_s=f"{step_seconds:.2f}",
         )
 
-    bar = tqdm(range(1, c.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step + 1, c.train.max_steps + 1),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        initial=start_step,
+        total=c.train.max_steps,
+    )
     last_time = time.perf_counter()
-    for step in bar:
-        batch = next(batches)
-        rng, step_rng = jax.random.split(rng)
-        lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step_rng)
-        tokens_seen += float(np.sum(batch["loss_mask"]))
+    step = start_step
+    try:
+        for step in bar:
+            batch = next(batches)
+            rng, step_rng = jax.random.split(rng)
+            lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step_rng)
+            tokens_seen += float(np.sum(batch["loss_mask"]))
+            if pending is not None:
+                now = time.perf_counter()
+                log(*pending, now - last_time)
+                last_time = now
+            pending = (step, metrics, int(np.count_nonzero(batch["segment_ids"])))
+            if (
+                c.train.eval_every
+                and step % c.train.eval_every == 0
+                and eval_set
+                and step != c.train.max_steps
+            ):
+                writer.write(step, {"eval_loss": evaluate.eval_loss(eval_loss_fn, lora, frozen, eval_set)})
+            if stop_signal or (c.checkpoint.every and step % c.checkpoint.every == 0):
+                save_checkpoint(step)
+            if stop_signal:
+                break
         if pending is not None:
-            now = time.perf_counter()
-            log(*pending, now - last_time)
-            last_time = now
-        pending = (step, metrics, int(np.count_nonzero(batch["segment_ids"])))
-        if c.train.eval_every and step % c.train.eval_every == 0 and eval_set and step != c.train.max_steps:
-            writer.write(step, {"eval_loss": evaluate.eval_loss(eval_loss_fn, lora, frozen, eval_set)})
-    jax.block_until_ready(pending[1])
-    log(*pending, time.perf_counter() - last_time)
-    bar.close()
+            jax.block_until_ready(pending[1])
+            log(*pending, time.perf_counter() - last_time)
+    finally:
+        bar.close()
+        if checkpoints is not None:
+            checkpoints.wait()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+    if stop_signal:
+        writer.close()
+        print(
+            f"stopped by signal {stop_signal[0]} after step {step}; checkpoint saved, "
+            "resume with --config.resume=auto"
+        )
+        return {"stopped_at": step}
     wall = time.perf_counter() - start
     if eval_set:
         summary["eval_loss"] = evaluate.eval_loss(eval_loss_fn, lora, frozen, eval_set)
         writer.write(c.train.max_steps, {"eval_loss": summary["eval_loss"]})
     writer.close()
     summary["exact_match_after"] = exact_match("after training")
+    adapter_dir = os.path.join(run_dir, "adapter")
+    export_adapter(adapter_dir, lora, lora_cfg, model.config, base_path, fingerprint)
     summary |= {
         "steps": c.train.max_steps,
         "loss_tokens": tokens_seen,
         "train_seconds": wall,
         "peak_device_bytes": _peak_device_bytes(),
         "plots": plots.draw(run_dir),
+        "adapter": adapter_dir,
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     peak = summary["peak_device_bytes"]
     print(
-        f"done: {c.train.max_steps} steps, {tokens_seen:.0f} loss tokens, {wall:.0f} s training"
+        f"done: {c.train.max_steps - start_step} steps, {tokens_seen:.0f} loss tokens, {wall:.0f} s training"
         + (f", peak device memory {peak / 2**30:.2f} GiB" if peak else "")
-        + f"; run directory {run_dir}"
+        + f"; adapter in {adapter_dir}"
     )
     return summary
+
+
+def truncate_metrics(run_dir: str, step: int) -> None:
+    """Drop metric rows after `step`: a resumed run writes them again."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        rows = [r for r in read_metrics(path) if r["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -131,8 +131,12 @@ def init_opt_state(
     opt_state_shardings: Any = None,
 ) -> Any:
     """The optimizer state, placed in pinned host memory when offloaded."""
-    state = optimizer.init(lora)
-    if optim_cfg.offload_state:
-        shardings = opt_state_shardings if opt_state_shardings is not None else default_shardings(state)
-        state = jax.device_put(state, _memory(shardings, "pinned_host"))
-    return state
+    return place_opt_state(optimizer.init(lora), optim_cfg, opt_state_shardings)
+
+
+def place_opt_state(state: Any, optim_cfg: OptimConfig, opt_state_shardings: Any = None) -> Any:
+    """Move an optimizer state where the step expects it (pinned host memory when offloaded)."""
+    if not optim_cfg.offload_state:
+        return state
+    shardings = opt_state_shardings if opt_state_shardings is not None else default_shardings(state)
+    return jax.device_put(state, _memory(shardings, "pinned_host"))

@@ -1,0 +1,114 @@
+"""Export a run's adapter (PEFT, Orbax) or the merged model (HF safetensors).
+
+python -m qlora_jax.export --run runs/smollm2_demo --format peft|orbax|merged --out DIR
+The adapter is the run's latest train checkpoint if it has one, else its exported adapter/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from qlora_jax.io import checkpoint, peft
+from qlora_jax.lora import LoraConfig
+from qlora_jax.models.config import LlamaConfig
+
+FORMATS = ("peft", "orbax", "merged")
+
+
+def export_adapter(
+    directory: str, lora: Any, lora_cfg: LoraConfig, model_cfg: LlamaConfig, base_path: str, fingerprint: str
+) -> None:
+    """<directory>: PEFT files (adapter_model.safetensors, adapter_config.json) and orbax/."""
+    peft.save_adapter(directory, lora, lora_cfg, model_cfg, base_path)
+    checkpoint.save_adapter_orbax(
+        os.path.join(directory, "orbax"),
+        lora,
+        peft.peft_config_dict(lora_cfg, base_path),
+        base_path,
+        fingerprint,
+    )
+
+
+def load_run(run_dir: str) -> tuple[Any, Any, Any, Any, Any, LoraConfig, str]:
+    """(config, model, frozen, tokenizer, lora, lora_cfg, fingerprint) of a finished or running run."""
+    import jax
+
+    from qlora_jax import lora as lora_lib
+    from qlora_jax.train import settings
+    from qlora_jax.train.loop import load_model
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    with open(path) as f:
+        c = ml_collections.ConfigDict(json.load(f))
+    model, frozen, tokenizer = load_model(c)
+    lora_cfg = settings.lora_config(c)
+    fingerprint = checkpoint.base_fingerprint(model.config, frozen)
+    lora_like = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    steps = checkpoint.TrainCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
+    if steps is not None and steps.latest_step() is not None:
+        from qlora_jax.train.optim import make_optimizer
+
+        opt_like = jax.eval_shape(make_optimizer(settings.optim_config(c)).init, lora_like)
+        lora, _, record = steps.restore(steps.latest_step(), lora_like, opt_like)
+        print(f"adapter from checkpoint step {steps.latest_step()}")
+    else:
+        lora, record = checkpoint.load_adapter_orbax(os.path.join(run_dir, "adapter", "orbax"), lora_like)
+        print(f"adapter from {run_dir}/adapter/orbax")
+    checkpoint.check_same_base(record, fingerprint, c.model.path)
+    return c, model, frozen, tokenizer, lora, lora_cfg, fingerprint
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qlora_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="run directory (output_dir of a training run)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="merged weights' dtype",
+    )
+    parser.add_argument(
+        "--requantize_error",
+        action="store_true",
+        help="merged: also report the error of re-quantizing the merged linears to NF4",
+    )
+    args = parser.parse_args(argv)
+    try:
+        c, model, frozen, tokenizer, lora, lora_cfg, fingerprint = load_run(args.run)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    base = c.model.path
+    if args.format == "peft":
+        peft.save_adapter(args.out, lora, lora_cfg, model.config, base)
+    elif args.format == "orbax":
+        checkpoint.save_adapter_orbax(
+            args.out, lora, peft.peft_config_dict(lora_cfg, base), base, fingerprint
+        )
+    else:
+        from qlora_jax.io import hf_export
+
+        info = hf_export.save_merged(args.out, model.config, frozen, lora, tokenizer, args.dtype)
+        print(f"merged model: {info['bytes'] / 2**20:.0f} MiB in {info['files']}")
+        if args.requantize_error:
+            merged = hf_export.merged_weights(frozen, lora, "float32")
+            print(
+                f"re-quantizing the merged linears to NF4 adds {hf_export.requantization_error(merged):.4f} "
+                "relative RMS error"
+            )
+    print(f"wrote {args.format} export to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Train-state checkpoints with Orbax: LoRA tree, optimizer state, and a JSON record of the rest.
+
+Saved every `checkpoint.every` steps under <output_dir>/checkpoints/<step>/, the last `keep`
+kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+kill mid-save leaves the previous checkpoint as the latest complete one. The frozen base is never
+saved: the record holds its path and a fingerprint, and resuming on another base is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qlora_jax.models.config import LlamaConfig
+
+
+def base_fingerprint(model_cfg: LlamaConfig, frozen: Any) -> str:
+    """sha256 over the architecture and a sample of every frozen leaf (first and last 4 KiB)."""
+    digest = hashlib.sha256(json.dumps(model_cfg.replace(dtype="-", remat_policy="none").__repr__()).encode())
+    for leaf in jax.tree.leaves(frozen):
+        flat = np.asarray(leaf).reshape(-1).view(np.uint8)
+        digest.update(str(leaf.shape).encode())
+        digest.update(flat[:4096].tobytes())
+        digest.update(flat[-4096:].tobytes())
+    return digest.hexdigest()
+
+
+class TrainCheckpoints:
+    """Save/restore (lora, opt_state, record) by step; async saves; keeps the last `keep`."""
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, lora: Any, opt_state: Any, record: dict[str, Any]) -> None:
+        """Start saving (returns once the arrays are copied off the device; the write is async)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                lora=ocp.args.StandardSave(lora),
+                opt_state=ocp.args.StandardSave(opt_state),
+                record=ocp.args.JsonSave(record),
+            ),
+        )
+
+    def restore(self, step: int, lora_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """(lora, opt_state, record) of `step`, shaped and placed like the *_like trees."""
+        abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                lora=ocp.args.StandardRestore(abstract(lora_like)),
+                opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
+                record=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["lora"], out["opt_state"], out["record"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_same_base(record: dict[str, Any], fingerprint: str, path: str) -> None:
+    if record.get("base_fingerprint") != fingerprint:
+        raise ValueError(
+            f"refusing to resume: the checkpoint was trained on base {record.get('base_path')!r} "
+            f"(fingerprint {str(record.get('base_fingerprint'))[:12]}), this run loads {path!r} "
+            f"(fingerprint {fingerprint[:12]})"
+        )
+
+
+def save_adapter_orbax(
+    directory: str, lora: Any, lora_config: dict[str, Any], base_path: str, fingerprint: str
+) -> None:
+    """An Orbax adapter checkpoint: the LoRA tree plus its LoraConfig (peft's dict) and base identity."""
+    import os
+    import shutil
+
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                lora=ocp.args.StandardSave(lora),
+                record=ocp.args.JsonSave(
+                    {"lora_config": lora_config, "base_path": base_path, "base_fingerprint": fingerprint}
+                ),
+            ),
+        )
+        manager.wait_until_finished()
+
+
+def load_adapter_orbax(directory: str, lora_like: Any) -> tuple[Any, dict[str, Any]]:
+    """(lora tree, record) from save_adapter_orbax's directory."""
+    import os
+
+    with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"no Orbax adapter checkpoint in {directory}")
+        out = manager.restore(
+            0,
+            args=ocp.args.Composite(
+                lora=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, lora_like)),
+                record=ocp.args.JsonRestore(),
+            ),
+        )
+    return out["lora"], out["record"]

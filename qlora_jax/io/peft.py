@@ -1,0 +1,140 @@
+"""PEFT-format adapters: adapter_model.safetensors + adapter_config.json, as peft writes and reads them.
+
+Keys are peft's for LlamaForCausalLM without the adapter name, e.g.
+"base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (r, in) and "...lora_B.weight"
+(out, r); trained biases are "...q_proj.bias". Ranks below the stack's padding are cut on export
+and padded again on import, so a round trip is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from qlora_jax.io.safetensors_stream import SafetensorsFile, write
+from qlora_jax.lora import LoraConfig, targeted_modules
+from qlora_jax.models.config import LlamaConfig
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def peft_config_dict(cfg: LoraConfig, base_model: str = "") -> dict[str, Any]:
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "bias": cfg.bias,
+        "use_rslora": cfg.use_rslora,
+        "init_lora_weights": True if cfg.init == "default" else cfg.init,
+        "layers_to_transform": None if cfg.layers_to_transform is None else list(cfg.layers_to_transform),
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter peft_type {d.get('peft_type')!r} is not supported; valid: 'LORA'")
+    if d.get("fan_in_fan_out"):
+        raise ValueError("adapters with fan_in_fan_out=True (GPT-2 Conv1D) do not apply to LLaMA models")
+    targets = d["target_modules"]
+    init = d.get("init_lora_weights", True)
+    return LoraConfig(
+        r=int(d["r"]),
+        alpha=float(d["lora_alpha"]),
+        dropout=float(d.get("lora_dropout", 0.0)),
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        bias=d.get("bias", "none"),
+        use_rslora=bool(d.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "default",
+        layers_to_transform=d.get("layers_to_transform"),
+        rank_pattern=d.get("rank_pattern") or {},
+        alpha_pattern=d.get("alpha_pattern") or {},
+    )
+
+
+def save_adapter(
+    directory: str, lora: Any, cfg: LoraConfig, model_cfg: LlamaConfig, base_model: str = ""
+) -> None:
+    """Write `lora` in PEFT format (float32 tensors)."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for name in targeted_modules(model_cfg, cfg):
+        _, _, layer, group, proj = name.split(".")
+        adapter = lora["layers"][group][proj]
+        rank = cfg.rank_for(name)
+        a = np.asarray(adapter["a"][int(layer)], np.float32)[:, :rank]
+        b = np.asarray(adapter["b"][int(layer)], np.float32)[:rank, :]
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    for group, modules in lora["layers"].items():
+        for proj, adapter in modules.items():
+            if "bias" in adapter:
+                for layer in range(model_cfg.num_layers):
+                    key = f"{PREFIX}model.layers.{layer}.{group}.{proj}.bias"
+                    tensors[key] = np.asarray(adapter["bias"][layer], np.float32)
+    write(os.path.join(directory, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(peft_config_dict(cfg, base_model), f, indent=2)
+
+
+def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[Any, LoraConfig]:
+    """(lora tree, LoraConfig) from a PEFT adapter directory, for this model's shape."""
+    from qlora_jax import lora as lora_lib
+
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    with open(config_path) as f:
+        cfg = lora_config_from_peft(json.load(f))
+    weights = SafetensorsFile(os.path.join(directory, WEIGHTS_FILE))
+    names = set(weights.names())
+    tree = jax_to_numpy(lora_lib.init_lora(_zero_key(), frozen, model_cfg, cfg))
+    for name in targeted_modules(model_cfg, cfg):
+        _, _, layer, group, proj = name.split(".")
+        a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+        if a_key not in names or b_key not in names:
+            raise KeyError(
+                f"{directory}: adapter has no {a_key!r} / {b_key!r} although its config targets {name}"
+            )
+        a, b = weights.read(a_key).astype(np.float32), weights.read(b_key).astype(np.float32)
+        adapter, i = tree["layers"][group][proj], int(layer)
+        if a.shape[1] != adapter["a"].shape[1] or b.shape[0] != adapter["b"].shape[2]:
+            raise ValueError(f"{directory}: {name} has A {a.shape} / B {b.shape}, not shaped for this model")
+        adapter["a"][i] = 0.0
+        adapter["b"][i] = 0.0
+        adapter["a"][i, :, : a.shape[0]] = a.T
+        adapter["b"][i, : b.shape[1], :] = b.T
+    for group, modules in tree["layers"].items():
+        for proj, adapter in modules.items():
+            if "bias" in adapter:
+                for layer in range(model_cfg.num_layers):
+                    key = f"{PREFIX}model.layers.{layer}.{group}.{proj}.bias"
+                    if key in names:
+                        adapter["bias"][layer] = weights.read(key)
+    return tree, cfg
+
+
+def _zero_key():
+    import jax
+
+    return jax.random.key(0)
+
+
+def jax_to_numpy(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x: np.array(x), tree)
