@@ -59,6 +59,7 @@ def load_run(run_dir: str) -> tuple[Any, Any, Any, Any, Any, LoraConfig, str]:
         from qlora_jax.train.optim import make_optimizer
 
         opt_like = jax.eval_shape(make_optimizer(settings.optim_config(c)).init, lora_like)
+        checkpoint.check_same_base(steps.record(steps.latest_step()), fingerprint, c.model.path)
         lora, _, record = steps.restore(steps.latest_step(), lora_like, opt_like)
         print(f"adapter from checkpoint step {steps.latest_step()}")
     else:

@@ -47,8 +47,8 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.target_modules, list | tuple | set):  # a set of names, as in peft
+            object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))
         if isinstance(self.layers_to_transform, int):
             object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
         elif self.layers_to_transform is not None:
@@ -63,6 +63,11 @@ class LoraConfig:
             raise ValueError(f"LoRA init {self.init!r} unknown; valid: {INIT_MODES}")
         if not self.target_modules:
             raise ValueError("LoRA target_modules is empty; give module names, a regex, or 'all-linear'")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                f"layers_to_transform needs target_modules as a list of names, not {self.target_modules!r} "
+                "(peft refuses the combination too)"
+            )
 
     def rank_for(self, module: str) -> int:
         return int(self.rank_pattern[key]) if (key := _pattern_key(self.rank_pattern, module)) else self.r

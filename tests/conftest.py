@@ -1,5 +1,70 @@
 """Shared test setup: JAX on CPU, deterministic, no preallocation games."""
 
 import os
+import sys
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env() -> dict[str, str]:
+    return os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+
+
+def train_command(*overrides: str) -> list[str]:
+    """`python -m qlora_jax.train` on the demo recipe with overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "qlora_jax.train",
+        "--config",
+        os.path.join(REPO, "configs/smollm2_demo.py"),
+        *overrides,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
+    from qlora_jax.io.gguf import embedded_model_path
+    from qlora_jax.io.hf import load_tokenizer
+    from tests.models.hf_reference import hf_model, save, small_config
+
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    save(
+        hf_model(
+            small_config(
+                vocab_size=49152,
+                hidden_size=64,
+                intermediate_size=128,
+                num_heads=2,
+                num_kv_heads=1,
+                tie_word_embeddings=True,
+            )
+        ),
+        path,
+    )
+    load_tokenizer(embedded_model_path()).save_pretrained(path)
+    return str(path)
+
+
+def tiny_run_overrides(model_path: str, run_dir: str, steps: int) -> list[str]:
+    """A fast CLI run of the demo recipe on the tiny model (dropout on, so resume covers the RNG)."""
+    return [
+        f"--config.model.path={model_path}",
+        f"--config.output_dir={run_dir}",
+        f"--config.train.max_steps={steps}",
+        "--config.optim.warmup_steps=1",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=0",
+        "--config.train.eval_batches=1",
+        "--config.train.exact_match_examples=0",
+        "--config.data.train_path=builtin:addition:200",
+        "--config.lora.dropout=0.1",
+        "--config.train.batch_size=2",
+        "--config.data.max_seq_len=64",
+    ]

@@ -79,6 +79,10 @@ def test_target_matching_nothing_lists_available_modules():
         (dict(target_modules=None), "target_modules"),
         (dict(init="pissa", target_modules="all-linear"), "init"),
         (dict(dropout=1.0, target_modules="all-linear"), "dropout"),
+        (
+            dict(target_modules="all-linear", layers_to_transform=(0,)),
+            "layers_to_transform needs target_modules",
+        ),
     ],
 )
 def test_bad_config_values_are_named(kwargs, match):

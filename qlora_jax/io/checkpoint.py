@@ -66,6 +66,10 @@ class TrainCheckpoints:
         )
         return out["lora"], out["opt_state"], out["record"]
 
+    def record(self, step: int) -> dict[str, Any]:
+        """Only the JSON record of `step` (cheap: checks before any array is read)."""
+        return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -138,8 +138,8 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         if latest is None:
             print(f"resume=auto: no complete checkpoint in {ckpt_dir}, starting fresh")
         else:
+            checkpoint.check_same_base(checkpoints.record(latest), fingerprint, base_path)
             lora, opt_state, record = checkpoints.restore(latest, lora, jax.eval_shape(optimizer.init, lora))
-            checkpoint.check_same_base(record, fingerprint, base_path)
             opt_state = step_lib.place_opt_state(opt_state, optim_cfg, state_shardings)
             batches.restore(record["data"])
             rng = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))

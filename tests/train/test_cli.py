@@ -3,51 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from qlora_jax.io.gguf import embedded_model_path
-from qlora_jax.io.hf import load_tokenizer
-from tests.models.hf_reference import hf_model, save, small_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import REPO, cli_env, train_command
 
 
-def _train(*overrides: str, cwd: str = REPO) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_jax.train",
-        "--config",
-        os.path.join(REPO, "configs/smollm2_demo.py"),
-        *overrides,
-    ]
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
-    path = tmp_path_factory.mktemp("tiny") / "hf"
-    save(
-        hf_model(
-            small_config(
-                vocab_size=49152,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=2,
-                num_kv_heads=1,
-                tie_word_embeddings=True,
-            )
-        ),
-        path,
+def _train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_command(*overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
     )
-    load_tokenizer(embedded_model_path()).save_pretrained(path)
-    return str(path)
 
 
 def test_cli_trains_and_writes_the_run_directory(tiny_model, tmp_path):

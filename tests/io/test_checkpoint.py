@@ -1,0 +1,123 @@
+"""Exact resume, crash safety and clean stops, with real training subprocesses on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        train_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _adapter(run_dir) -> dict[str, np.ndarray]:
+    from qlora_jax.io.safetensors_stream import SafetensorsFile
+
+    f = SafetensorsFile(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
+    return {name: f.read(name) for name in f.names()}
+
+
+def test_resume_from_the_middle_gives_the_same_losses_and_adapter(tiny_model, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(*tiny_run_overrides(tiny_model, straight, 6), "--config.checkpoint.every=3")
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")  # as if the run had died after step 3's checkpoint
+    shutil.rmtree(resumed / "adapter")
+    out = _run(
+        *tiny_run_overrides(tiny_model, resumed, 6), "--config.checkpoint.every=3", "--config.resume=auto"
+    )
+    assert "resumed from step 3" in out.stdout
+    # same compiled step, same batches, same dropout keys: identical on CPU (bound 1e-6)
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([b[s] for s in (4, 5, 6)], [a[s] for s in (4, 5, 6)], rtol=1e-6)
+    for name, value in _adapter(straight).items():
+        np.testing.assert_allclose(_adapter(resumed)[name], value, rtol=1e-6, atol=1e-9)
+
+
+def test_resume_refuses_a_different_base(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    _run(*tiny_run_overrides(tiny_model, run, 2), "--config.checkpoint.every=2")
+    out = subprocess.run(
+        train_command(*tiny_run_overrides("", run, 4), "--config.resume=auto"),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode != 0 and "refusing to resume" in out.stderr
+
+
+def _start(run_dir, model, steps: int, every: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        train_command(*tiny_run_overrides(model, run_dir, steps), f"--config.checkpoint.every={every}"),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("moment", ["mid-save", "between-saves"])
+def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tiny_model, tmp_path, moment):
+    run = tmp_path / "run"
+    proc = _start(run, tiny_model, 400, every=1)
+    ckpts = run / "checkpoints"
+
+    def saving() -> bool:  # orbax writes into a temporary directory, renamed when complete
+        names = os.listdir(ckpts) if ckpts.exists() else []
+        complete = [n for n in names if n.isdigit()]
+        return len(complete) >= 2 and (moment != "mid-save" or any("tmp" in n for n in names))
+
+    _wait_for(saving, proc)
+    proc.kill()
+    proc.wait()
+    complete = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+    out = _run(
+        *tiny_run_overrides(tiny_model, run, complete[-1] + 2),
+        "--config.checkpoint.every=1",
+        "--config.resume=auto",
+    )
+    resumed_from = int(out.stdout.split("resumed from step ")[1].split()[0])
+    assert resumed_from in complete  # the newest checkpoint that was complete when killed (or the one before)
+    assert sorted(_losses(run)) == list(range(1, complete[-1] + 3))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run, tiny_model, 400, every=1000)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_losses(run)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = int(stdout.split("after step ")[1].split(";")[0])
+    assert (run / "checkpoints" / str(stopped)).is_dir()
