@@ -124,6 +124,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     source.add_argument("--messages", help="JSON file with a list of {role, content} chat messages")
     parser.add_argument("--chat", action="store_true", help="wrap each --prompt in the chat template")
+    parser.add_argument(
+        "--adapter", default=None, help="LoRA adapter directory in PEFT format (e.g. <run>/adapter)"
+    )
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=0)
@@ -144,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = args.model or embedded_model_path()
     quantization = None if args.quantization == "none" else args.quantization
     model, frozen = llama.from_pretrained(path, quantization=quantization, dtype=args.dtype)
+    lora = None
+    if args.adapter:
+        from qlora_jax.io.peft import load_adapter
+
+        lora, _ = load_adapter(args.adapter, frozen, model.config)
     tokenizer = load_tokenizer(path)
     if args.messages:
         with open(args.messages) as f:
