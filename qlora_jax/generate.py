@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         prompts = [encode_prompt(tokenizer, p, args.chat) for p in args.prompt]
     outputs = generate(
-        model, frozen, None, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
+        model, frozen, lora, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed
     )
     for out in outputs:
         sys.stdout.write(tokenizer.decode(out, skip_special_tokens=True) + "\n")
