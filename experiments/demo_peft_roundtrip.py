@@ -57,8 +57,10 @@ def main() -> None:
             }
         )
         ours_text, theirs_text = rows[-1]["qlora_jax"], rows[-1]["peft_torch"]
-        print(f"{a} + {b} = {a + b}: qlora_jax {ours_text!r}, peft+transformers {theirs_text!r}, "
-              f"max|dlogit|/max|logit| {err:.1e}")
+        print(
+            f"{a} + {b} = {a + b}: qlora_jax {ours_text!r}, peft+transformers {theirs_text!r}, "
+            f"max|dlogit|/max|logit| {err:.1e}"
+        )
     result = {
         "adapter": adapter_dir,
         "rows": rows,

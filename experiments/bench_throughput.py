@@ -1,0 +1,161 @@
+"""QLoRA training throughput and memory, qlora_jax vs the PyTorch stack, same shapes, same call.
+
+Each (framework, shape) runs in its own process; one JSON line per run is appended to
+<out>/throughput.jsonl. Both sides: NF4 + double quant base (random weights of the preset's
+shape, quantized on the GPU), LoRA r=16 alpha=32 on all 7 projections, gradient checkpointing
+(remat "full"), AdamW (paged on PyTorch; offloaded state on qlora_jax where asked), bf16 compute,
+random tokens. Usage:
+  python experiments/bench_throughput.py --shapes smollm2-135m:8x512,llama2-7b:1x2048 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_SHAPES = "smollm2-135m:8x512,llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048"
+BF16_PEAK_TFLOPS = {"H100": 698.0}  # measured bf16 matmul rate in JAX (issue 7), for the %-of-peak column
+
+
+def run_jax(preset_name: str, batch: int, seq: int, r: int, steps: int, remat: str, offload: bool) -> dict:
+    import jax
+
+    from qlora_jax import lora as lora_lib
+    from qlora_jax.models import llama
+    from qlora_jax.train import step as step_lib
+    from qlora_jax.train.optim import OptimConfig, make_optimizer
+
+    model, frozen = llama.random_init(preset_name, quantization="nf4", dtype="bfloat16", remat_policy=remat)
+    lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
+    tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
+    optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload)
+    optimizer = make_optimizer(optim_cfg)
+    shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, tree))
+    state = step_lib.init_opt_state(optimizer, tree, optim_cfg, shardings)
+    train_step = step_lib.make_train_step(
+        model, lora_cfg, optim_cfg, optimizer, shardings if offload else None
+    )
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
+    data = jax.device_put(
+        {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    )
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        tree, state, metrics = train_step(tree, state, frozen, data, None)
+        jax.block_until_ready((tree, metrics))
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    step = float(np.median(times))
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "framework": "qlora_jax",
+        "step_s": step,
+        "tokens_per_s": batch * seq / step,
+        "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "loss": float(metrics["loss"]),
+        "offload_state": offload,
+        "remat": remat,
+        "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="preset:BxT,... ")
+    p.add_argument("--frameworks", default="qlora_jax,torch")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--remat", default="full")
+    p.add_argument("--offload", type=int, default=0)
+    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    p.add_argument("--child", default="", help="internal: preset:BxT to run in this process")
+    a = p.parse_args()
+    if a.child:
+        name, shape = a.child.split(":")
+        batch, seq = (int(v) for v in shape.split("x"))
+        print(
+            "RESULT " + json.dumps(run_jax(name, batch, seq, a.r, a.steps, a.remat, bool(a.offload))),
+            flush=True,
+        )
+        return
+    import jax
+
+    from qlora_jax.models.presets import preset
+
+    gpu = jax.devices()[0].device_kind
+    os.makedirs(a.out, exist_ok=True)
+    for spec in a.shapes.split(","):
+        name, shape = spec.split(":")
+        batch, seq = (int(v) for v in shape.split("x"))
+        for framework in a.frameworks.split(","):
+            here = os.path.dirname(os.path.abspath(__file__))
+            if framework == "qlora_jax":
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    spec,
+                    f"--r={a.r}",
+                    f"--steps={a.steps}",
+                    f"--remat={a.remat}",
+                    f"--offload={a.offload}",
+                ]
+            else:
+                cmd = [
+                    sys.executable,
+                    os.path.join(here, "bench_torch.py"),
+                    "--preset",
+                    name,
+                    "--batch",
+                    str(batch),
+                    "--seq",
+                    str(seq),
+                    "--r",
+                    str(a.r),
+                    "--steps",
+                    str(a.steps),
+                ]
+            env = os.environ | ({"JAX_PLATFORMS": "cpu"} if framework == "torch" else {})
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not lines:
+                row = {"framework": framework, "error": (out.stderr or out.stdout)[-1500:]}
+            else:
+                row = json.loads(lines[-1][7:])
+            params = preset(name).num_params
+            row |= {
+                "shape": name,
+                "batch": batch,
+                "seq": seq,
+                "rank": a.r,
+                "gpu": gpu,
+                "params": params,
+                "date": datetime.date.today().isoformat(),
+            }
+            if "step_s" in row:
+                row["tflops_6N"] = 6 * params * batch * seq / row["step_s"] / 1e12
+                peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), None)
+                row["pct_bf16_peak"] = None if peak is None else 100 * row["tflops_6N"] / peak
+            with open(os.path.join(a.out, "throughput.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            summary = {
+                k: row.get(k) for k in ("framework", "shape", "batch", "seq", "tokens_per_s", "peak_mem_gib")
+            }
+            print(
+                json.dumps(summary)
+                if "error" not in row
+                else f"{framework} {spec} FAILED: {row['error'][-600:]}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
