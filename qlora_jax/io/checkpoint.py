@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import jax
@@ -37,7 +38,9 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory), options=options
+        )  # orbax needs absolute
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -90,7 +93,6 @@ def save_adapter_orbax(
     directory: str, lora: Any, lora_config: dict[str, Any], base_path: str, fingerprint: str
 ) -> None:
     """An Orbax adapter checkpoint: the LoRA tree plus its LoraConfig (peft's dict) and base identity."""
-    import os
     import shutil
 
     if os.path.exists(directory):
@@ -110,8 +112,6 @@ def save_adapter_orbax(
 
 def load_adapter_orbax(directory: str, lora_like: Any) -> tuple[Any, dict[str, Any]]:
     """(lora tree, record) from save_adapter_orbax's directory."""
-    import os
-
     with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"no Orbax adapter checkpoint in {directory}")

@@ -155,23 +155,18 @@ def random_init(
 ) -> dict[str, Any]:
     """A frozen tree of random weights built on the default device, quantized one layer at a time.
 
-    Layers are generated inside `lax.map`, so device memory never holds more than one layer's
-    16-bit weights next to the quantized stack: a 70B-shape model fits where its NF4 form fits.
+    Each projection is generated for all layers inside `lax.map`, so device memory holds one
+    layer's 16-bit weight next to the quantized stack: a 70B-shape model fits where its NF4 form fits.
     """
     shapes = linear_shapes(cfg)
 
-    def one_layer(key: jax.Array) -> dict[str, Any]:
-        keys = dict(zip(shapes, jax.random.split(key, len(shapes)), strict=True))
-        layer: dict[str, Any] = {
-            norm: {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)} for norm in LAYER_NORMS
-        }
-        for (group, name), shape in shapes.items():
-            w = (std * jax.random.normal(keys[(group, name)], shape, jnp.float32)).astype(dtype)
-            entry = {"weight": store_linear(w, quant, dtype)}
-            if has_bias(cfg, group, name):
-                entry["bias"] = jnp.zeros((shape[0],), dtype)
-            layer.setdefault(group, {})[name] = entry
-        return layer
+    def stacked_linear(key: jax.Array, shape: tuple[int, int]) -> Any:
+        """One projection for every layer; lax.map keeps a single layer's 16-bit weight alive."""
+
+        def one(k: jax.Array) -> Any:
+            return store_linear((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype), quant, dtype)
+
+        return jax.lax.map(one, jax.random.split(key, cfg.num_layers))
 
     @jax.jit
     def build(key: jax.Array) -> dict[str, Any]:
@@ -179,18 +174,26 @@ def random_init(
         embed = (std * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size), jnp.float32)).astype(
             dtype
         )
+        norm = jnp.ones((cfg.num_layers, cfg.hidden_size), jnp.float32)
+        layers: dict[str, Any] = {name: {"weight": norm} for name in LAYER_NORMS}
+        for key_i, ((group, name), shape) in zip(
+            jax.random.split(k_layers, len(shapes)), shapes.items(), strict=True
+        ):
+            entry = {"weight": stacked_linear(key_i, shape)}
+            if has_bias(cfg, group, name):
+                entry["bias"] = jnp.zeros((cfg.num_layers, shape[0]), dtype)
+            layers.setdefault(group, {})[name] = entry
         frozen = {
             "embed_tokens": {"weight": embed},
-            "layers": jax.lax.map(one_layer, jax.random.split(k_layers, cfg.num_layers)),
+            "layers": layers,
             "norm": {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)},
         }
         if not cfg.tie_word_embeddings:
-            head = std * jax.random.normal(k_head, (cfg.vocab_size, cfg.hidden_size), jnp.float32)
-            frozen["lm_head"] = {
-                "weight": store_linear(
-                    head.astype(dtype), quant if quant.lm_head else Quantization(None), dtype
-                )
-            }
+            head = (std * jax.random.normal(k_head, (cfg.vocab_size, cfg.hidden_size), jnp.float32)).astype(
+                dtype
+            )
+            head_quant = quant if quant.lm_head else Quantization(None)
+            frozen["lm_head"] = {"weight": store_linear(head, head_quant, dtype)}
         return frozen
 
     return build(rng)

@@ -121,3 +121,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     stopped = int(stdout.split("after step ")[1].split(";")[0])
     assert (run / "checkpoints" / str(stopped)).is_dir()
+
+
+def test_relative_checkpoint_directories_work(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from qlora_jax.io.checkpoint import TrainCheckpoints
+
+    monkeypatch.chdir(tmp_path)
+    ckpts = TrainCheckpoints("runs/x/checkpoints", keep=2)
+    lora, state = {"a": jnp.arange(4.0)}, {"m": jnp.ones(3)}
+    ckpts.save(5, lora, state, {"step": 5})
+    ckpts.wait()
+    restored, _, record = ckpts.restore(5, lora, state)
+    assert record == {"step": 5} and float(restored["a"][3]) == 3.0
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "5").is_dir()
