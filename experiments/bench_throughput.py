@@ -24,7 +24,9 @@ DEFAULT_SHAPES = "smollm2-135m:8x512,llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b
 BF16_PEAK_TFLOPS = {"H100": 698.0}  # measured bf16 matmul rate in JAX (issue 7), for the %-of-peak column
 
 
-def run_jax(preset_name: str, batch: int, seq: int, r: int, steps: int, remat: str, offload: bool) -> dict:
+def run_jax(
+    preset_name: str, batch: int, seq: int, r: int, steps: int, remat: str, offload: bool, loss_chunk: int
+) -> dict:
     import jax
 
     from qlora_jax import lora as lora_lib
@@ -74,7 +76,8 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--remat", default="full")
-    p.add_argument("--offload", type=int, default=0)
+    p.add_argument("--offload", type=int, default=0, help="qlora_jax: optimizer state in pinned host memory")
+    p.add_argument("--loss_chunk", type=int, default=1024, help="qlora_jax: tokens per cross-entropy chunk")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--child", default="", help="internal: preset:BxT to run in this process")
     a = p.parse_args()
@@ -91,6 +94,7 @@ def main() -> None:
     from qlora_jax.models.presets import preset
 
     gpu = jax.devices()[0].device_kind
+    call_id = datetime.datetime.now().isoformat(timespec="seconds")  # rows of one invocation share it
     os.makedirs(a.out, exist_ok=True)
     for spec in a.shapes.split(","):
         name, shape = spec.split(":")
