@@ -143,6 +143,7 @@ def main() -> None:
                 "gpu": gpu,
                 "params": params,
                 "date": datetime.date.today().isoformat(),
+                "call": call_id,
             }
             if "step_s" in row:
                 row["tflops_6N"] = 6 * params * batch * seq / row["step_s"] / 1e12
