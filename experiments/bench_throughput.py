@@ -84,10 +84,8 @@ def main() -> None:
     if a.child:
         name, shape = a.child.split(":")
         batch, seq = (int(v) for v in shape.split("x"))
-        print(
-            "RESULT " + json.dumps(run_jax(name, batch, seq, a.r, a.steps, a.remat, bool(a.offload))),
-            flush=True,
-        )
+        result = run_jax(name, batch, seq, a.r, a.steps, a.remat, bool(a.offload), a.loss_chunk)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     import jax
 
