@@ -6,9 +6,9 @@ it is an independent reference for our loader as well as for the forward pass.
 
 from __future__ import annotations
 
+import copy
 import os
 
-import bitsandbytes as bnb
 import jax
 import numpy as np
 import pytest
@@ -21,6 +21,7 @@ from qlora_jax.io.hf import load_tokenizer
 from qlora_jax.models import llama
 from qlora_jax.quant import nf4
 from tests.models.hf_reference import hf_logits, rel_err
+from tests.peft_reference import frozen_from_bnb, quantize_with_bnb
 from tests.quant.bnb_reference import bnb_reference_quantize_blockwise
 
 PROMPTS = [
@@ -87,54 +88,17 @@ def test_fp32_logits_match_transformers(ours, hf, tokenizer):
 
 
 def _bnb_nf4_copy(hf_model):
-    """transformers model whose decoder linears are bitsandbytes NF4 (double quant) Linear4bit."""
-    import copy
-
+    """A copy of the transformers model whose decoder linears are bitsandbytes NF4 (double quant)."""
     model = copy.deepcopy(hf_model)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=False,
-                    compute_dtype=torch.float32,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                )
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4"
-                )
-                setattr(parent, name, q.to("cpu"))
+    quantize_with_bnb(model)
     return model
-
-
-def _frozen_from_bnb(frozen, ref_model):
-    """Our NF4 tree with every decoder linear replaced by bitsandbytes' own quantization of it."""
-    layers = frozen["layers"]
-    for group, names in (
-        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ("mlp", ("gate_proj", "up_proj", "down_proj")),
-    ):
-        for name in names:
-            per_layer = []
-            for layer in ref_model.model.layers:
-                weight = getattr(getattr(layer, group), name).weight
-                state = weight.quant_state.as_dict(packed=False) | {"weight": weight.data.numpy()}
-                per_layer.append(nf4.NF4Tensor.from_bnb(state))
-            layers[group][name]["weight"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    return frozen
 
 
 def test_nf4_quantization_on_load_matches_bitsandbytes(path, hf):
     _, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
     ref_model = _bnb_nf4_copy(hf)
     ours = frozen["layers"]["mlp"]["up_proj"]["weight"]
-    theirs = _frozen_from_bnb(jax.tree.map(np.asarray, frozen), ref_model)["layers"]["mlp"]["up_proj"][
-        "weight"
-    ]
+    theirs = frozen_from_bnb(frozen, ref_model)["layers"]["mlp"]["up_proj"]["weight"]
     np.testing.assert_array_equal(ours.packed, theirs.packed)  # every 4-bit code, all 30 layers
     np.testing.assert_allclose(ours.offset, theirs.offset, rtol=2e-7)  # float32 means, ~1 ulp apart
     # 8-bit scale codes: bitsandbytes' CPU build searches the dynamic map approximately, so compare
@@ -153,7 +117,7 @@ def test_nf4_quantization_on_load_matches_bitsandbytes(path, hf):
 def test_nf4_logits_match_transformers_with_bitsandbytes(path, hf, tokenizer):
     model, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
     ref_model = _bnb_nf4_copy(hf)
-    frozen = _frozen_from_bnb(jax.tree.map(np.asarray, frozen), ref_model)  # same dequantized weights
+    frozen = frozen_from_bnb(frozen, ref_model)  # same dequantized weights
     tokens, mask = _batch(tokenizer, PROMPTS)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     logits = np.asarray(jax.jit(model.apply)(frozen, None, tokens, attention_mask=mask))
