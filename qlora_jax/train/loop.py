@@ -220,6 +220,10 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
             ):
                 writer.write(step, {"eval_loss": evaluate.eval_loss(eval_loss_fn, lora, frozen, eval_set)})
             if stop_signal or (c.checkpoint.every and step % c.checkpoint.every == 0):
+                # log this step first: a run resumed from this checkpoint starts at the next step
+                now = time.perf_counter()
+                log(*pending, now - last_time)
+                last_time, pending = now, None
                 save_checkpoint(step)
             if stop_signal:
                 break
