@@ -77,12 +77,17 @@ def test_config_read_from_gguf_matches_transformers(ours, hf):
 
 def test_fp32_logits_match_transformers(ours, hf, tokenizer):
     model, frozen = ours
+    _assert_same_logits(model, frozen, hf, tokenizer, "fp32")
+
+
+def _assert_same_logits(model, frozen, ref_model, tokenizer, label):
+    """Left-padded PROMPTS through both models: fp32 tolerance and identical argmax on real tokens."""
     tokens, mask = _batch(tokenizer, PROMPTS)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     logits = np.asarray(jax.jit(model.apply)(frozen, None, tokens, attention_mask=mask))
-    ref = hf_logits(hf, tokens, attention_mask=mask, position_ids=positions)
+    ref = hf_logits(ref_model, tokens, attention_mask=mask, position_ids=positions)
     err = rel_err(logits[mask], ref[mask])
-    print(f"SmolLM2 fp32 max|diff|/max|logit| = {err:.2e}")
+    print(f"SmolLM2 {label} max|diff|/max|logit| = {err:.2e}")
     assert err < FP32_TOL
     np.testing.assert_array_equal(logits[mask].argmax(-1), ref[mask].argmax(-1))
 
@@ -118,14 +123,7 @@ def test_nf4_logits_match_transformers_with_bitsandbytes(path, hf, tokenizer):
     model, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
     ref_model = _bnb_nf4_copy(hf)
     frozen = frozen_from_bnb(frozen, ref_model)  # same dequantized weights
-    tokens, mask = _batch(tokenizer, PROMPTS)
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits = np.asarray(jax.jit(model.apply)(frozen, None, tokens, attention_mask=mask))
-    ref = hf_logits(ref_model, tokens, attention_mask=mask, position_ids=positions)
-    err = rel_err(logits[mask], ref[mask])
-    print(f"SmolLM2 NF4 (vs bitsandbytes) max|diff|/max|logit| = {err:.2e}")
-    assert err < FP32_TOL
-    np.testing.assert_array_equal(logits[mask].argmax(-1), ref[mask].argmax(-1))
+    _assert_same_logits(model, frozen, ref_model, tokenizer, "NF4 (vs bitsandbytes)")
 
 
 def _hf_greedy(hf_model, tokenizer, ids, n):
