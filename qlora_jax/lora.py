@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.frozen import linear_shapes
+from qlora_jax.models.frozen import has_bias, linear_shapes
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -189,8 +189,6 @@ def count_parameters(model_cfg: LlamaConfig, cfg: LoraConfig) -> tuple[int, int]
     Padding from layers_to_transform or rank_pattern is not counted: only the real A (r x in)
     and B (out x r) of each targeted module, plus trainable biases.
     """
-    from qlora_jax.models.frozen import has_bias
-
     shapes = linear_shapes(model_cfg)
     targets = targeted_modules(model_cfg, cfg)
     adapters = 0

@@ -12,10 +12,11 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from qlora_jax.io.safetensors_stream import SafetensorsFile, write
-from qlora_jax.lora import LoraConfig, targeted_modules
+from qlora_jax.lora import LoraConfig, init_lora, targeted_modules
 from qlora_jax.models.config import LlamaConfig
 
 PREFIX = "base_model.model."
@@ -93,8 +94,6 @@ def save_adapter(
 
 def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[Any, LoraConfig]:
     """(lora tree, LoraConfig) from a PEFT adapter directory, for this model's shape."""
-    from qlora_jax import lora as lora_lib
-
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
@@ -102,7 +101,8 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
         cfg = lora_config_from_peft(json.load(f))
     weights = SafetensorsFile(os.path.join(directory, WEIGHTS_FILE))
     names = set(weights.names())
-    tree = jax_to_numpy(lora_lib.init_lora(_zero_key(), frozen, model_cfg, cfg))
+    # the adapter tree's shapes and scales; A and B of every targeted module are set below
+    tree = jax.tree.map(np.array, init_lora(jax.random.key(0), frozen, model_cfg, cfg))
     for name in targeted_modules(model_cfg, cfg):
         _, _, layer, group, proj = name.split(".")
         a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
@@ -126,15 +126,3 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
                     if key in names:
                         adapter["bias"][layer] = weights.read(key)
     return tree, cfg
-
-
-def _zero_key():
-    import jax
-
-    return jax.random.key(0)
-
-
-def jax_to_numpy(tree: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda x: np.array(x), tree)
