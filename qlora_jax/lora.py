@@ -23,7 +23,8 @@ import numpy as np
 
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.frozen import has_bias, linear_shapes
-from qlora_jax.quant.nf4 import NF4Tensor, dequantize
+from qlora_jax.models.linear import dense_weight
+from qlora_jax.quant.nf4 import NF4Tensor
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian")
@@ -238,9 +239,8 @@ def _fold(frozen: Any, lora: Any, dtype: Any, sign: float) -> Any:
             params = dict(out["layers"][group][proj])
             if "a" in adapter:
                 w = params["weight"]
-                target = jnp.dtype(dtype or (w.dtype if not isinstance(w, NF4Tensor) else w.dtype))
-                dense = dequantize(w, jnp.float32) if isinstance(w, NF4Tensor) else w.astype(jnp.float32)
-                params["weight"] = (dense + sign * lora_delta(adapter)).astype(target)
+                dense = dense_weight(w, jnp.float32)
+                params["weight"] = (dense + sign * lora_delta(adapter)).astype(jnp.dtype(dtype or w.dtype))
             if "bias" in adapter and sign > 0:
                 params["bias"] = adapter["bias"].astype(params["bias"].dtype)
             out["layers"][group] = dict(out["layers"][group]) | {proj: params}
