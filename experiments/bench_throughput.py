@@ -25,7 +25,15 @@ BF16_PEAK_TFLOPS = {"H100": 698.0}  # measured bf16 matmul rate in JAX (issue 7)
 
 
 def run_jax(
-    preset_name: str, batch: int, seq: int, r: int, steps: int, remat: str, offload: bool, loss_chunk: int
+    preset_name: str,
+    batch: int,
+    seq: int,
+    r: int,
+    steps: int,
+    remat: str,
+    offload: bool,
+    loss_chunk: int,
+    quantization: str,
 ) -> dict:
     import jax
 
@@ -34,7 +42,12 @@ def run_jax(
     from qlora_jax.train import step as step_lib
     from qlora_jax.train.optim import OptimConfig, make_optimizer
 
-    model, frozen = llama.random_init(preset_name, quantization="nf4", dtype="bfloat16", remat_policy=remat)
+    model, frozen = llama.random_init(
+        preset_name,
+        quantization=None if quantization == "none" else quantization,
+        dtype="bfloat16",
+        remat_policy=remat,
+    )
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload)
@@ -42,7 +55,7 @@ def run_jax(
     shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, tree))
     state = step_lib.init_opt_state(optimizer, tree, optim_cfg, shardings)
     train_step = step_lib.make_train_step(
-        model, lora_cfg, optim_cfg, optimizer, shardings if offload else None
+        model, lora_cfg, optim_cfg, optimizer, shardings if offload else None, chunk_size=loss_chunk
     )
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
     data = jax.device_put(
@@ -65,6 +78,8 @@ def run_jax(
         "loss": float(metrics["loss"]),
         "offload_state": offload,
         "remat": remat,
+        "loss_chunk": loss_chunk,
+        "quantization": quantization,
         "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
     }
 
@@ -78,13 +93,16 @@ def main() -> None:
     p.add_argument("--remat", default="full")
     p.add_argument("--offload", type=int, default=0, help="qlora_jax: optimizer state in pinned host memory")
     p.add_argument("--loss_chunk", type=int, default=1024, help="qlora_jax: tokens per cross-entropy chunk")
+    p.add_argument("--quantization", default="nf4", help="qlora_jax: nf4 | none (dense bf16: a ceiling)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--child", default="", help="internal: preset:BxT to run in this process")
     a = p.parse_args()
     if a.child:
         name, shape = a.child.split(":")
         batch, seq = (int(v) for v in shape.split("x"))
-        result = run_jax(name, batch, seq, a.r, a.steps, a.remat, bool(a.offload), a.loss_chunk)
+        result = run_jax(
+            name, batch, seq, a.r, a.steps, a.remat, bool(a.offload), a.loss_chunk, a.quantization
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return
     import jax
@@ -109,6 +127,8 @@ def main() -> None:
                     f"--steps={a.steps}",
                     f"--remat={a.remat}",
                     f"--offload={a.offload}",
+                    f"--loss_chunk={a.loss_chunk}",
+                    f"--quantization={a.quantization}",
                 ]
             else:
                 cmd = [
