@@ -55,6 +55,38 @@ def _frozen_matmul_bwd(weight, dy):
 frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
 
 
+@jax.custom_vjp
+def lora_delta(h: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """scale * (h A) B in h's dtype, float32 accumulation, A and B (float32 masters) cast to h's dtype.
+
+    The custom VJP keeps every (tokens, features) tensor in h's dtype and forms dA, dB as
+    float32 (features, r) products: autodiff of the same expression would hold float32
+    (tokens, out) cotangents, 86 MiB per MLP projection at 2048 tokens of Llama-2-7B.
+    """
+    return _lora_delta_fwd(h, a, b, scale)[0]
+
+
+def _lora_delta_fwd(h, a, b, scale):
+    u = jnp.einsum("...i,ir->...r", h, a.astype(h.dtype), preferred_element_type=jnp.float32).astype(h.dtype)
+    out = jnp.einsum("...r,ro->...o", u, b.astype(h.dtype), preferred_element_type=jnp.float32)
+    return (out * scale).astype(h.dtype), (h, u, a, b, scale)
+
+
+def _lora_delta_bwd(residuals, dy):
+    h, u, a, b, scale = residuals
+    f32 = jnp.float32
+    db = scale * jnp.einsum("...r,...o->ro", u, dy, preferred_element_type=f32)
+    du = (scale * jnp.einsum("...o,ro->...r", dy, b.astype(dy.dtype), preferred_element_type=f32)).astype(
+        h.dtype
+    )
+    da = jnp.einsum("...i,...r->ir", h, du, preferred_element_type=f32)
+    dh = jnp.einsum("...r,ir->...i", du, a.astype(h.dtype), preferred_element_type=f32).astype(h.dtype)
+    return dh, da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(scale)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 class Linear(nn.Module):
     """y = x W^T + b + scale * dropout(x) A B, with W (and b) from `frozen`, A, B from `lora`.
 
@@ -84,8 +116,4 @@ class Linear(nn.Module):
         if self.dropout > 0.0 and self.has_rng("dropout"):
             h = nn.Dropout(self.dropout, deterministic=False)(h, rng=self.make_rng("dropout"))
         b, scale = self.get_variable("lora", "b"), self.get_variable("lora", "scale")
-        h = jnp.einsum("...i,ir->...r", h, a.astype(self.dtype), preferred_element_type=jnp.float32)
-        h = jnp.einsum(
-            "...r,ro->...o", h.astype(self.dtype), b.astype(self.dtype), preferred_element_type=jnp.float32
-        )
-        return y + (h * jax.lax.stop_gradient(scale)).astype(self.dtype)
+        return y + lora_delta(h, a, b, scale)
