@@ -66,6 +66,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.accumulation_steps = 1
     c.optim.offload_state = False  # AdamW moments in pinned host memory between steps
 
+    c.mesh = ml_collections.ConfigDict()  # device mesh (qlora_jax/sharding.py); -1 = the rest
+    c.mesh.data = -1  # data parallel: batch rows split, weights replicated
+    c.mesh.fsdp = 1  # fully sharded: batch rows and frozen/LoRA/optimizer arrays split
+    c.mesh.tensor = 1  # tensor parallel: weight rows (output features) split, batch not
+
+    c.distributed = ml_collections.ConfigDict()  # multi-process (multi-host) runs
+    c.distributed.mode = "auto"  # auto (SLURM / Open MPI / JAX_COORDINATOR_ADDRESS) | on | off
+    c.distributed.coordinator = ""  # host:port of process 0; "" = from the environment
+    c.distributed.num_processes = 0  # 0 = from the environment
+    c.distributed.process_id = -1  # -1 = from the environment
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 0  # steps between train-state checkpoints (0 = off)
     c.checkpoint.keep = 3

@@ -1,4 +1,7 @@
-"""Shared test setup: JAX on CPU, deterministic, no preallocation games."""
+"""Shared test setup: JAX on CPU with 8 host devices (the sharding tests' meshes), deterministic.
+
+Arrays and computations still default to the first device; CLI subprocesses get one device.
+"""
 
 import os
 import sys
@@ -6,13 +9,16 @@ import sys
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}".strip()
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli_env() -> dict[str, str]:
-    return os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    xla_flags = os.environ["XLA_FLAGS"].replace(CPU_DEVICES_FLAG, "").strip()
+    return os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags}
 
 
 def train_command(*overrides: str) -> list[str]:

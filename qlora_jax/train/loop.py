@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qlora_jax import lora as lora_lib
+from qlora_jax import sharding
 from qlora_jax.data import pipeline, sources
 from qlora_jax.data.formats import prompt_and_reference
 from qlora_jax.export import export_adapter
@@ -64,6 +65,8 @@ def _peak_device_bytes() -> int | None:
 
 def train_and_evaluate(c: Any) -> dict[str, Any]:
     """Run the configured fine-tune; returns the end-of-run summary (also written to summary.json)."""
+    d = c.distributed
+    sharding.initialize_distributed(d.mode, d.coordinator, d.num_processes, d.process_id)
     run_dir = c.output_dir
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -71,24 +74,25 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
     fmt, batching = settings.format_config(c), settings.batching_config(c)
 
+    mesh = sharding.make_mesh(settings.mesh_config(c))
     model, frozen, tokenizer = load_model(c)
     if tokenizer is None:
         raise ValueError(f"model.path={c.model.path!r} is a preset: set model.tokenizer to tokenize data")
+    fingerprint = checkpoint.base_fingerprint(model.config, frozen)  # before the base is split
+    frozen = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
     print(lora_lib.trainable_parameters_line(model.config, lora_cfg))
     rng = jax.random.key(c.train.seed)
     init_rng, rng = jax.random.split(rng)
     lora = lora_lib.init_lora(init_rng, frozen, model.config, lora_cfg)
+    lora_shardings = sharding.lora_shardings(mesh, lora)
+    lora = jax.device_put(lora, lora_shardings)
     optimizer = make_optimizer(optim_cfg)
-    state_shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, lora))
+    state_shardings = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, lora))
     opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
     train_step = step_lib.make_train_step(
-        model,
-        lora_cfg,
-        optim_cfg,
-        optimizer,
-        state_shardings if optim_cfg.offload_state else None,
-        c.train.loss_chunk,
+        model, lora_cfg, optim_cfg, optimizer, state_shardings, c.train.loss_chunk, lora_shardings
     )
+    micro_axis = optim_cfg.accumulation_steps > 1
     schedule = learning_rate(optim_cfg)
 
     train_rows, eval_rows = _split_eval(
@@ -99,6 +103,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
     if c.train.eval_batches:
         eval_set = eval_set[: c.train.eval_batches]
+    eval_set = [sharding.shard_batch(mesh, b) for b in eval_set]
     print(
         f"data: {len(train_rows)} train rows -> {batches.batches_per_epoch()} batches/epoch "
         f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
@@ -126,7 +131,6 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     checkpoints = (
         checkpoint.TrainCheckpoints(ckpt_dir, c.checkpoint.keep) if c.checkpoint.every or c.resume else None
     )
-    fingerprint = checkpoint.base_fingerprint(model.config, frozen)
     base_path = c.model.path or embedded_model_path()
     start_step, tokens_seen = 0, 0.0
     if c.resume:
@@ -205,7 +209,8 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         for step in bar:
             batch = next(batches)
             rng, step_rng = jax.random.split(rng)
-            lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, step_rng)
+            device_batch = sharding.shard_batch(mesh, batch, micro_axis)
+            lora, opt_state, metrics = train_step(lora, opt_state, frozen, device_batch, step_rng)
             tokens_seen += float(np.sum(batch["loss_mask"]))
             if pending is not None:
                 now = time.perf_counter()

@@ -9,6 +9,7 @@ from qlora_jax.data.formats import FormatConfig
 from qlora_jax.data.pipeline import BatchingConfig
 from qlora_jax.lora import ALL_LINEAR, LoraConfig
 from qlora_jax.models.frozen import Quantization
+from qlora_jax.sharding import MeshConfig
 from qlora_jax.train.optim import OptimConfig
 
 _REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
@@ -78,3 +79,7 @@ def batching_config(c: Any) -> BatchingConfig:
         accumulation_steps=c.optim.accumulation_steps,
         seed=c.train.seed,
     )
+
+
+def mesh_config(c: Any) -> MeshConfig:
+    return MeshConfig(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)

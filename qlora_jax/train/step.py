@@ -79,7 +79,7 @@ def _memory(shardings: Any, kind: str) -> Any:
 
 
 def default_shardings(tree: Any) -> Any:
-    """Every leaf on the first device (single-device runs); sharding.py supplies meshes."""
+    """Every leaf on the first device (single-device runs); qlora_jax.sharding supplies meshes."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, tree)
 
@@ -91,12 +91,14 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     opt_state_shardings: Any = None,
     chunk_size: int = 1024,
+    lora_shardings: Any = None,
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
     """jit(train_step)(lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics).
 
-    lora and opt_state are donated. With offload_state, `opt_state_shardings` (the device
-    shardings of the state) decide where the state lives: it arrives in pinned host memory,
-    moves to the device for the update, and goes back, so between steps it costs no HBM.
+    lora and opt_state are donated and come back with the shardings given (None: as XLA
+    propagates them). With offload_state, `opt_state_shardings` (the device shardings of the
+    state) decide where the state lives: it arrives in pinned host memory, moves to the device
+    for the update, and goes back, so between steps it costs no HBM.
     """
     offload = optim_cfg.offload_state
     if offload and opt_state_shardings is None:
@@ -118,9 +120,8 @@ def make_train_step(
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
         return lora, opt_state, metrics
 
-    out_shardings = None
-    if offload:
-        out_shardings = (None, _memory(opt_state_shardings, "pinned_host"), None)
+    state_out = _memory(opt_state_shardings, "pinned_host") if offload else opt_state_shardings
+    out_shardings = (lora_shardings, state_out, None)
     return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
@@ -135,8 +136,9 @@ def init_opt_state(
 
 
 def place_opt_state(state: Any, optim_cfg: OptimConfig, opt_state_shardings: Any = None) -> Any:
-    """Move an optimizer state where the step expects it (pinned host memory when offloaded)."""
+    """Move an optimizer state where the step expects it: its shardings, in pinned host memory
+    when offloaded."""
     if not optim_cfg.offload_state:
-        return state
+        return state if opt_state_shardings is None else jax.device_put(state, opt_state_shardings)
     shardings = opt_state_shardings if opt_state_shardings is not None else default_shardings(state)
     return jax.device_put(state, _memory(shardings, "pinned_host"))

@@ -1,0 +1,157 @@
+"""Sharded training on 8 CPU devices (tests/conftest.py forces them): every mesh layout trains
+the same as one device, and fsdp divides the frozen base's bytes per device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from qlora_jax import lora as lora_lib
+from qlora_jax import sharding
+from qlora_jax.models import llama
+from qlora_jax.quant.nf4 import dequantize
+from qlora_jax.train import step as step_lib
+from qlora_jax.train.optim import OptimConfig, make_optimizer
+from tests.models.hf_reference import small_config
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (CPU) devices")
+
+# every projection's element count is a multiple of 8 x 64 x 256, so even double-quantized
+# weights split 8 ways at whole rows and whole scale blocks
+MODEL = small_config(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_heads=8, num_kv_heads=4)
+LORA = lora_lib.LoraConfig(r=8, alpha=16, target_modules="all-linear")
+STEPS = 3
+LR = 1e-3
+
+
+def _setup():
+    model, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
+    lora = lora_lib.init_lora(jax.random.key(0), frozen, MODEL, LORA)
+    # non-zero B so the first step's loss already depends on every adapter
+    lora = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "b" else x, lora)
+    return model, frozen, lora
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(STEPS):
+        ids = rng.integers(0, MODEL.vocab_size, (8, 32)).astype(np.int32)
+        out.append({"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": rng.random((8, 32)) > 0.1})
+    return out
+
+
+def _train(mesh_cfg: sharding.MeshConfig | None, offload: bool = False):
+    """Per-step losses and the final LoRA tree, on one device (None) or a mesh."""
+    model, frozen, lora = _setup()
+    optim_cfg = OptimConfig(lr=LR, max_grad_norm=1.0, offload_state=offload)
+    optimizer = make_optimizer(optim_cfg)
+    abstract_state = jax.eval_shape(optimizer.init, lora)
+    if mesh_cfg is None:
+        mesh = None
+        lora_sh, state_sh = None, step_lib.default_shardings(abstract_state)
+    else:
+        mesh = sharding.make_mesh(mesh_cfg)
+        frozen = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
+        lora_sh = sharding.lora_shardings(mesh, lora)
+        lora = jax.device_put(lora, lora_sh)
+        state_sh = sharding.opt_state_shardings(mesh, abstract_state)
+    state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_sh)
+    train_step = step_lib.make_train_step(model, LORA, optim_cfg, optimizer, state_sh, 1024, lora_sh)
+    losses = []
+    for batch in _batches():
+        if mesh is not None:
+            batch = sharding.shard_batch(mesh, batch)
+        lora, state, metrics = train_step(lora, state, frozen, batch, None)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), lora, state, frozen
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    losses, lora, _, _ = _train(None)
+    return losses, jax.device_get(lora)
+
+
+LAYOUTS = {
+    "data": sharding.MeshConfig(data=8),
+    "fsdp": sharding.MeshConfig(data=1, fsdp=8),
+    "tensor": sharding.MeshConfig(data=1, tensor=8),
+    "data2_fsdp2_tensor2": sharding.MeshConfig(data=2, fsdp=2, tensor=2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mesh_layouts_train_like_one_device(single_device, layout):
+    # float32 throughout; only the order of the cross-device sums differs from one device, so the
+    # losses agree to float32 rounding (rtol 1e-5). AdamW divides by sqrt(v): a gradient entry
+    # near zero can turn a rounding difference into a visible share of its update, so the adapters
+    # are held to 1% of the largest move AdamW can make in these steps (lr x steps)
+    want_losses, want_lora = single_device
+    losses, lora, _, _ = _train(LAYOUTS[layout])
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(jax.device_get(lora)), jax.tree.leaves(want_lora), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.01 * LR * STEPS)
+
+
+def test_offloaded_state_keeps_its_sharding_in_pinned_host(single_device):
+    losses, _, state, _ = _train(LAYOUTS["fsdp"], offload=True)
+    np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+    moments = [x for x in jax.tree.leaves(state) if x.ndim == 3]
+    assert moments and all(x.sharding.memory_kind == "pinned_host" for x in moments)
+    assert all(x.sharding.spec != jax.sharding.PartitionSpec() for x in moments)  # still split
+
+
+def test_fsdp_divides_the_frozen_bytes_per_device():
+    _, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
+    total = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    mesh = sharding.make_mesh(LAYOUTS["fsdp"])
+    sharded = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
+    norms = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(frozen) if "norm" in str(path))
+    per_device = sharding.per_device_bytes(sharded)
+    # everything but the norm weights (and NF4's one offset per layer) is split 8 ways
+    assert total / 8 <= per_device <= total / 8 + norms + 64, (per_device, total)
+
+
+def test_nf4_shards_dequantize_their_own_rows():
+    _, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
+    weight = frozen["layers"]["mlp"]["gate_proj"]["weight"]
+    mesh = sharding.make_mesh(LAYOUTS["fsdp"])
+    sharded = jax.device_put(
+        weight,
+        sharding.frozen_shardings(mesh, {"layers": {"x_proj": {"weight": weight}}})["layers"]["x_proj"][
+            "weight"
+        ],
+    )
+    full = np.asarray(dequantize(weight))  # (layers, out, in)
+    rows = MODEL.intermediate_size // 8
+    for k, device in enumerate(mesh.devices.flat):
+        local = {
+            name: getattr(sharded, name).addressable_shards[k].data
+            for name in ("packed", "absmax", "nested_absmax", "offset")
+        }
+        assert all(getattr(sharded, n).addressable_shards[k].device == device for n in local)
+        shard = dataclasses.replace(weight, **local, shape=(rows, MODEL.hidden_size))
+        np.testing.assert_array_equal(np.asarray(dequantize(shard)), full[:, k * rows : (k + 1) * rows])
+
+
+def test_mesh_config_resolves_the_rest_and_names_bad_sizes():
+    assert sharding.MeshConfig(data=-1, fsdp=2).resolve(8) == (4, 2, 1)
+    assert sharding.MeshConfig(data=2, fsdp=2, tensor=-1).resolve(8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="mesh.fsdp=0"):
+        sharding.MeshConfig(fsdp=0).resolve(8)
+    with pytest.raises(ValueError, match="does not divide 8 devices"):
+        sharding.MeshConfig(data=-1, fsdp=3).resolve(8)
+    with pytest.raises(ValueError, match="more than one mesh axis is -1"):
+        sharding.MeshConfig(data=-1, fsdp=-1).resolve(8)
+    with pytest.raises(ValueError, match="uses 4 devices, there are 8"):
+        sharding.MeshConfig(data=2, fsdp=2).resolve(8)
+
+
+def test_batch_rows_must_split_over_data_and_fsdp():
+    mesh = sharding.make_mesh(LAYOUTS["data2_fsdp2_tensor2"])
+    with pytest.raises(ValueError, match="train.batch_size=6 does not split over mesh data x fsdp = 4"):
+        sharding.shard_batch(mesh, {"inputs": np.zeros((6, 4), np.int32)})
