@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -190,6 +191,20 @@ def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray], leading_micro_axis: bo
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     local = {k: np.take(v, np.arange(n_rows)[rows], axis=rows_axis) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(sharding, v, batch[k].shape) for k, v in local.items()}
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put a tree that every process holds whole (same values) onto global shardings."""
+    if jax.process_count() > 1:
+        tree = jax.device_get(tree)  # a process may only send from its own devices' copies
+    return jax.device_put(tree, shardings)
+
+
+def gather_to_host(tree: Any) -> Any:
+    """The whole tree as numpy on every process (an all-gather when arrays span processes)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -67,10 +67,12 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     """Run the configured fine-tune; returns the end-of-run summary (also written to summary.json)."""
     d = c.distributed
     sharding.initialize_distributed(d.mode, d.coordinator, d.num_processes, d.process_id)
+    lead = jax.process_index() == 0  # the one process that writes files
     run_dir = c.output_dir
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        f.write(c.to_json_best_effort(indent=2))
+    if lead:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=2))
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
     fmt, batching = settings.format_config(c), settings.batching_config(c)
 
@@ -79,13 +81,13 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     if tokenizer is None:
         raise ValueError(f"model.path={c.model.path!r} is a preset: set model.tokenizer to tokenize data")
     fingerprint = checkpoint.base_fingerprint(model.config, frozen)  # before the base is split
-    frozen = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
+    frozen = sharding.place(frozen, sharding.frozen_shardings(mesh, frozen))
     print(lora_lib.trainable_parameters_line(model.config, lora_cfg))
     rng = jax.random.key(c.train.seed)
     init_rng, rng = jax.random.split(rng)
     lora = lora_lib.init_lora(init_rng, frozen, model.config, lora_cfg)
     lora_shardings = sharding.lora_shardings(mesh, lora)
-    lora = jax.device_put(lora, lora_shardings)
+    lora = sharding.place(lora, lora_shardings)
     optimizer = make_optimizer(optim_cfg)
     state_shardings = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, lora))
     opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
@@ -112,7 +114,9 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
 
     def exact_match(tag: str) -> float | None:
         n = min(c.train.exact_match_examples, len(eval_rows))
-        if not n:
+        if n and jax.process_count() > 1:
+            print(f"exact match {tag}: skipped (generation runs on one host; use qlora_jax.generate)")
+        if not n or jax.process_count() > 1:
             return None
         prompts, refs = zip(
             *(prompt_and_reference(r, tokenizer, fmt, i) for i, r in enumerate(eval_rows[:n])), strict=True
@@ -148,7 +152,8 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
             batches.restore(record["data"])
             rng = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
             start_step, tokens_seen = latest, record["tokens_seen"]
-            truncate_metrics(run_dir, latest)
+            if lead:
+                truncate_metrics(run_dir, latest)
             print(f"resumed from step {latest} ({ckpt_dir})")
 
     def save_checkpoint(step: int) -> None:
@@ -167,7 +172,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
         for s in (signal.SIGTERM, signal.SIGINT)
     }
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir if lead else None)
     summary: dict[str, Any] = {
         "exact_match_before": exact_match("before training") if not start_step else None
     }
@@ -255,17 +260,19 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     writer.close()
     summary["exact_match_after"] = exact_match("after training")
     adapter_dir = os.path.join(run_dir, "adapter")
-    export_adapter(adapter_dir, lora, lora_cfg, model.config, base_path, fingerprint)
+    host_lora = sharding.gather_to_host(lora)  # every process takes part in the gather
     summary |= {
         "steps": c.train.max_steps,
         "loss_tokens": tokens_seen,
         "train_seconds": wall,
         "peak_device_bytes": _peak_device_bytes(),
-        "plots": plots.draw(run_dir),
         "adapter": adapter_dir,
     }
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if lead:
+        export_adapter(adapter_dir, host_lora, lora_cfg, model.config, base_path, fingerprint)
+        summary["plots"] = plots.draw(run_dir)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     peak = summary["peak_device_bytes"]
     print(
         f"done: {c.train.max_steps - start_step} steps, {tokens_seen:.0f} loss tokens, {wall:.0f} s training"

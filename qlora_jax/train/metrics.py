@@ -9,14 +9,22 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str):
+    """Appends to <run_dir>/metrics.jsonl and TensorBoard; run_dir None writes nothing (processes
+    other than the first of a multi-host run)."""
+
+    def __init__(self, run_dir: str | None):
         from tensorboardX import SummaryWriter
 
+        self.enabled = run_dir is not None
+        if not self.enabled:
+            return
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step} | {k: float(v) for k, v in values.items()}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -25,6 +33,8 @@ class MetricsWriter:
                 self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         self._tb.close()
 
