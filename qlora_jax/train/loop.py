@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -22,39 +23,89 @@ from qlora_jax.data.formats import prompt_and_reference
 from qlora_jax.export import export_adapter
 from qlora_jax.io import checkpoint
 from qlora_jax.io.gguf import embedded_model_path
-from qlora_jax.io.hf import load_tokenizer
+from qlora_jax.io.hf import load_config, load_tokenizer
 from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.presets import PRESETS
 from qlora_jax.train import evaluate, plots, settings
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.metrics import MetricsWriter, read_metrics
 from qlora_jax.train.optim import learning_rate, make_optimizer
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "plots", "adapter", "config.json")
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient became NaN or infinite."""
+
+
+def prepare_run_dir(c: Any) -> None:
+    """A fresh run never mixes into an earlier run's files: refuse, unless resume or overwrite says so."""
+    found = [n for n in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(c.output_dir, n))]
+    if found and not c.resume:
+        if not c.overwrite:
+            raise settings.ConfigError(
+                f"output_dir={c.output_dir!r} already holds a run ({', '.join(found)}); continue it with "
+                "--config.resume=auto or replace it with --config.overwrite=True"
+            )
+        for name in RUN_FILES:
+            path = os.path.join(c.output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(c.output_dir, exist_ok=True)
+
+
+def check_tokenizer(tokenizer: Any, tokenizer_path: str, model_cfg: LlamaConfig, model_path: str) -> None:
+    """Token ids past the embedding rows would index garbage: refuse a tokenizer larger than the model's."""
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but model {model_path!r} has "
+            f"{model_cfg.vocab_size} embedding rows (vocab_size); use the tokenizer saved with the model"
+        )
 
 
 def load_model(c: Any) -> tuple[llama.Llama, Any, Any]:
-    """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded)."""
+    """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded).
+
+    The architecture is read first (config.json / GGUF metadata) and the settings checked against
+    it, so a bad value stops before any weight is read or quantized.
+    """
     path = c.model.path or embedded_model_path()
     runtime = {"remat_policy": c.model.remat_policy}
-    if path in PRESETS:
+    is_preset = path in PRESETS
+    model_cfg = PRESETS[path] if is_preset else load_config(path, **runtime)
+    settings.validate_for_model(c, model_cfg)
+    tokenizer_path = c.model.tokenizer or ("" if is_preset else path)
+    if not tokenizer_path:
+        raise settings.ConfigError(f"model.path={path!r} is a preset: set model.tokenizer to tokenize data")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer(tokenizer, tokenizer_path, model_cfg, path)
+    if is_preset:
         model, frozen = llama.random_init(
             path, settings.quantization(c), c.model.dtype, seed=c.train.seed, **runtime
         )
-        tokenizer = load_tokenizer(c.model.tokenizer) if c.model.tokenizer else None
-        return model, frozen, tokenizer
-    model, frozen = llama.from_pretrained(path, settings.quantization(c), c.model.dtype, **runtime)
-    return model, frozen, load_tokenizer(c.model.tokenizer or path)
+    else:
+        model, frozen = llama.from_pretrained(path, settings.quantization(c), c.model.dtype, **runtime)
+    return model, frozen, tokenizer
 
 
-def _split_eval(c: Any, train_rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+def load_examples(c: Any, tokenizer: Any, fmt: Any) -> tuple[list, list[dict], list]:
+    """(train examples, eval rows, eval examples); without data.eval_path a seeded fraction is held out.
+
+    Rows are tokenized in file order, so a malformed row's error gives its index in the file.
+    """
+    seed = c.train.seed
+    rows = sources.load_rows(c.data.train_path, "train", seed)
+    examples = pipeline.tokenize(rows, tokenizer, fmt, c.data.train_path)
     if c.data.eval_path:
-        return train_rows, sources.load_rows(c.data.eval_path, split="eval", seed=seed)
-    n_eval = int(len(train_rows) * c.data.eval_fraction)
-    order = np.random.default_rng(seed).permutation(len(train_rows))
-    return [train_rows[i] for i in order[n_eval:]], [train_rows[i] for i in order[:n_eval]]
+        eval_rows = sources.load_rows(c.data.eval_path, "eval", seed)
+        return examples, eval_rows, pipeline.tokenize(eval_rows, tokenizer, fmt, c.data.eval_path)
+    n_eval = int(len(rows) * c.data.eval_fraction)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held_out = order[:n_eval]
+    return [examples[i] for i in order[n_eval:]], [rows[i] for i in held_out], [examples[i] for i in held_out]
 
 
 def _peak_device_bytes() -> int | None:
@@ -64,16 +115,15 @@ def _peak_device_bytes() -> int | None:
 
 def train_and_evaluate(c: Any) -> dict[str, Any]:
     """Run the configured fine-tune; returns the end-of-run summary (also written to summary.json)."""
+    settings.validate(c)
+    prepare_run_dir(c)
     run_dir = c.output_dir
-    os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         f.write(c.to_json_best_effort(indent=2))
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
     fmt, batching = settings.format_config(c), settings.batching_config(c)
 
     model, frozen, tokenizer = load_model(c)
-    if tokenizer is None:
-        raise ValueError(f"model.path={c.model.path!r} is a preset: set model.tokenizer to tokenize data")
     print(lora_lib.trainable_parameters_line(model.config, lora_cfg))
     rng = jax.random.key(c.train.seed)
     init_rng, rng = jax.random.split(rng)
@@ -88,19 +138,17 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         optimizer,
         state_shardings if optim_cfg.offload_state else None,
         c.train.loss_chunk,
+        skip_nonfinite=c.train.nonfinite == "skip",
     )
     schedule = learning_rate(optim_cfg)
 
-    train_rows, eval_rows = _split_eval(
-        c, sources.load_rows(c.data.train_path, "train", c.train.seed), c.train.seed
-    )
-    batches = pipeline.BatchIterator(pipeline.tokenize(train_rows, tokenizer, fmt), batching)
-    eval_examples = pipeline.tokenize(eval_rows, tokenizer, fmt) if eval_rows else []
+    train_examples, eval_rows, eval_examples = load_examples(c, tokenizer, fmt)
+    batches = pipeline.BatchIterator(train_examples, batching)
     eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
     if c.train.eval_batches:
         eval_set = eval_set[: c.train.eval_batches]
     print(
-        f"data: {len(train_rows)} train rows -> {batches.batches_per_epoch()} batches/epoch "
+        f"data: {len(train_examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
         f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
     )
     eval_loss_fn = evaluate.make_eval_loss(model, lora_cfg, c.train.loss_chunk)
@@ -128,7 +176,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     )
     fingerprint = checkpoint.base_fingerprint(model.config, frozen)
     base_path = c.model.path or embedded_model_path()
-    start_step, tokens_seen = 0, 0.0
+    start_step, tokens_seen, skipped = 0, 0.0, 0
     if c.resume:
         if c.resume != "auto":
             raise ValueError(
@@ -137,6 +185,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         latest = checkpoints.latest_step()
         if latest is None:
             print(f"resume=auto: no complete checkpoint in {ckpt_dir}, starting fresh")
+            truncate_metrics(run_dir, 0)
         else:
             checkpoint.check_same_base(checkpoints.record(latest), fingerprint, base_path)
             lora, opt_state, record = checkpoints.restore(latest, lora, jax.eval_shape(optimizer.init, lora))
@@ -144,19 +193,25 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
             batches.restore(record["data"])
             rng = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
             start_step, tokens_seen = latest, record["tokens_seen"]
+            skipped = record.get("skipped_steps", 0)
             truncate_metrics(run_dir, latest)
             print(f"resumed from step {latest} ({ckpt_dir})")
 
+    last_saved = start_step or None
+
     def save_checkpoint(step: int) -> None:
+        nonlocal last_saved
         record = {
             "step": step,
             "data": batches.state(),
             "rng": np.asarray(jax.random.key_data(rng)).tolist(),
             "tokens_seen": tokens_seen,
+            "skipped_steps": skipped,
             "base_path": base_path,
             "base_fingerprint": fingerprint,
         }
         checkpoints.save(step, lora, opt_state, record)
+        last_saved = step
 
     stop_signal: list[int] = []
     previous_handlers = {
@@ -171,13 +226,24 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     pending = None  # (step, metrics on device, input tokens) of the previous step
 
     def log(step: int, metrics: dict, input_tokens: int, step_seconds: float) -> None:
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+        nonlocal skipped
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            what = f"loss {loss}, gradient norm {grad_norm} at step {step}"
+            if c.train.nonfinite == "stop":
+                kept = f"step {last_saved} in {ckpt_dir}" if last_saved else "none was saved"
+                raise TrainingDiverged(
+                    f"{what}: stopped (last checkpoint: {kept}); lower optim.lr, check the data, "
+                    "or skip such batches with --config.train.nonfinite=skip"
+                )
+            skipped += 1  # the step left lora and the optimizer state as they were
+            writer.write(step, {"skipped_steps": skipped})
+            tqdm.write(f"{what}: batch skipped, no update ({skipped} skipped so far)")
+            return
         row = {
             "loss": loss,
             "lr": float(schedule(step - 1)),
-            "grad_norm": float(metrics["grad_norm"]),
+            "grad_norm": grad_norm,
             "tokens_per_s": input_tokens / step_seconds,  # non-padding input tokens
             "loss_tokens": float(metrics["tokens"]),
             "step_time_s": step_seconds,
@@ -254,6 +320,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     summary |= {
         "steps": c.train.max_steps,
         "loss_tokens": tokens_seen,
+        "skipped_steps": skipped,
         "train_seconds": wall,
         "peak_device_bytes": _peak_device_bytes(),
         "plots": plots.draw(run_dir),
