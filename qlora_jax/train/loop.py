@@ -66,29 +66,32 @@ def check_tokenizer(tokenizer: Any, tokenizer_path: str, model_cfg: LlamaConfig,
         )
 
 
-def load_model(c: Any) -> tuple[llama.Llama, Any, Any]:
-    """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded).
-
-    The architecture is read first (config.json / GGUF metadata) and the settings checked against
-    it, so a bad value stops before any weight is read or quantized.
-    """
+def open_model(c: Any) -> tuple[str, LlamaConfig, Any]:
+    """(model path, architecture, tokenizer), all cheap to read; the settings are checked against the
+    architecture (config.json / GGUF metadata) so a bad value stops before any weight is read."""
     path = c.model.path or embedded_model_path()
-    runtime = {"remat_policy": c.model.remat_policy}
-    is_preset = path in PRESETS
-    model_cfg = PRESETS[path] if is_preset else load_config(path, **runtime)
+    model_cfg = PRESETS[path] if path in PRESETS else load_config(path, remat_policy=c.model.remat_policy)
     settings.validate_for_model(c, model_cfg)
-    tokenizer_path = c.model.tokenizer or ("" if is_preset else path)
+    tokenizer_path = c.model.tokenizer or ("" if path in PRESETS else path)
     if not tokenizer_path:
         raise settings.ConfigError(f"model.path={path!r} is a preset: set model.tokenizer to tokenize data")
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer(tokenizer, tokenizer_path, model_cfg, path)
-    if is_preset:
-        model, frozen = llama.random_init(
-            path, settings.quantization(c), c.model.dtype, seed=c.train.seed, **runtime
-        )
-    else:
-        model, frozen = llama.from_pretrained(path, settings.quantization(c), c.model.dtype, **runtime)
-    return model, frozen, tokenizer
+    return path, model_cfg, tokenizer
+
+
+def load_weights(c: Any, path: str) -> tuple[llama.Llama, Any]:
+    """(model, frozen): random weights for a preset name, else streamed and quantized from the file."""
+    quant, runtime = settings.quantization(c), {"remat_policy": c.model.remat_policy}
+    if path in PRESETS:
+        return llama.random_init(path, quant, c.model.dtype, seed=c.train.seed, **runtime)
+    return llama.from_pretrained(path, quant, c.model.dtype, **runtime)
+
+
+def load_model(c: Any) -> tuple[llama.Llama, Any, Any]:
+    """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded)."""
+    path, _, tokenizer = open_model(c)
+    return *load_weights(c, path), tokenizer
 
 
 def load_examples(c: Any, tokenizer: Any, fmt: Any) -> tuple[list, list[dict], list]:
@@ -123,7 +126,19 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
     fmt, batching = settings.format_config(c), settings.batching_config(c)
 
-    model, frozen, tokenizer = load_model(c)
+    base_path, _, tokenizer = open_model(c)
+    # data before weights: a malformed row stops the run before a large model is read and quantized
+    train_examples, eval_rows, eval_examples = load_examples(c, tokenizer, fmt)
+    batches = pipeline.BatchIterator(train_examples, batching)
+    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
+    if c.train.eval_batches:
+        eval_set = eval_set[: c.train.eval_batches]
+    print(
+        f"data: {len(train_examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
+        f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
+    )
+
+    model, frozen = load_weights(c, base_path)
     print(lora_lib.trainable_parameters_line(model.config, lora_cfg))
     rng = jax.random.key(c.train.seed)
     init_rng, rng = jax.random.split(rng)
@@ -141,16 +156,6 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         skip_nonfinite=c.train.nonfinite == "skip",
     )
     schedule = learning_rate(optim_cfg)
-
-    train_examples, eval_rows, eval_examples = load_examples(c, tokenizer, fmt)
-    batches = pipeline.BatchIterator(train_examples, batching)
-    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
-    if c.train.eval_batches:
-        eval_set = eval_set[: c.train.eval_batches]
-    print(
-        f"data: {len(train_examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
-        f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
-    )
     eval_loss_fn = evaluate.make_eval_loss(model, lora_cfg, c.train.loss_chunk)
 
     def exact_match(tag: str) -> float | None:
@@ -175,7 +180,6 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         checkpoint.TrainCheckpoints(ckpt_dir, c.checkpoint.keep) if c.checkpoint.every or c.resume else None
     )
     fingerprint = checkpoint.base_fingerprint(model.config, frozen)
-    base_path = c.model.path or embedded_model_path()
     start_step, tokens_seen, skipped = 0, 0.0, 0
     if c.resume:
         if c.resume != "auto":
