@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m qlora_jax.train --config configs/smollm2_demo.py
+	$(PY) -m qlora_jax.train --config configs/smollm2_demo.py --config.overwrite=True
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

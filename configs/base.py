@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.exact_match = "exact"  # exact | last_number (compare the last number, e.g. GSM8K)
     c.train.max_new_tokens = 16  # generation length for exact match
     c.train.loss_chunk = 1024  # tokens per chunk of the fp32 cross-entropy
+    c.train.nonfinite = "stop"  # NaN/inf loss or gradient: stop (error naming the step) | skip the batch
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
@@ -83,4 +84,5 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.output_dir = "runs/default"
     c.resume = ""  # "" = fresh run; "auto" = continue from the latest checkpoint in output_dir
+    c.overwrite = False  # a fresh run into an output_dir holding a run replaces it instead of refusing
     return c

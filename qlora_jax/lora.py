@@ -119,7 +119,10 @@ def targeted_modules(model_cfg: LlamaConfig, cfg: LoraConfig) -> list[str]:
             f"matches no module; available: {kinds} (full names like {names[0]!r}) or 'all-linear'"
         )
     if "lm_head" in matched:
-        raise ValueError("LoRA on lm_head is not supported; target the decoder projections")
+        raise ValueError(
+            f"target_modules={cfg.target_modules!r} selects lm_head: LoRA on lm_head is not supported; "
+            "target the decoder projections"
+        )
     return matched
 
 

@@ -49,7 +49,8 @@ def _require(row: Mapping[str, Any], keys: tuple[str, ...], fmt: str, index: int
     missing = [k for k in keys if k not in row or row[k] is None]
     if missing:
         raise ValueError(
-            f"row {index}: format {fmt!r} needs keys {list(keys)}, missing {missing}; row has {sorted(row)}"
+            f"row {index}: format {fmt!r} needs keys {list(keys)}, missing {missing}; "
+            f"row has {sorted(k for k, v in row.items() if v is not None)}"
         )
 
 

@@ -22,15 +22,18 @@ class TruncationStats:
     examples: int = 0
     truncated_examples: int = 0
     tokens_cut: int = 0
+    dropped_examples: int = 0  # truncated to nothing in the loss (the prompt fills max_seq_len)
 
     def describe(self) -> str:
         return (
-            f"{self.truncated_examples} of {self.examples} examples truncated ({self.tokens_cut} tokens cut)"
+            f"{self.truncated_examples} of {self.examples} examples truncated ({self.tokens_cut} tokens "
+            f"cut), {self.dropped_examples} dropped with no loss token left"
         )
 
 
 def _shifted(example: Example, max_tokens: int, stats: TruncationStats) -> tuple[np.ndarray, ...] | None:
-    """(inputs, targets, loss_mask) of one example, cut to max_tokens predictions."""
+    """(inputs, targets, loss_mask) of one example cut to max_tokens predictions; None when nothing is
+    left to learn from (too short, or truncation cut every loss token)."""
     stats.examples += 1
     n = len(example.ids) - 1  # predictions in the example
     if n < 1:
@@ -41,6 +44,9 @@ def _shifted(example: Example, max_tokens: int, stats: TruncationStats) -> tuple
         n = max_tokens
     ids = np.asarray(example.ids[: n + 1], np.int32)
     mask = np.asarray(example.loss_mask[1 : n + 1], bool)
+    if n < len(example.ids) - 1 and not mask.any():
+        stats.dropped_examples += 1
+        return None
     return ids[:-1], ids[1:], mask
 
 

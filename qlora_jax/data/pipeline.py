@@ -35,10 +35,19 @@ class BatchingConfig:
         return tuple(sorted({max(self.max_seq_len // 4, 1), max(self.max_seq_len // 2, 1), self.max_seq_len}))
 
 
-def tokenize(rows: Sequence[dict[str, Any]], tokenizer: Any, fmt: FormatConfig) -> list[Example]:
+def tokenize(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, fmt: FormatConfig, source: str = "the dataset"
+) -> list[Example]:
+    """Every row formatted and tokenized; errors name `source` and the row's index in it."""
     if not rows:
-        raise ValueError("the dataset has no rows")
-    return [format_row(row, tokenizer, fmt, i) for i, row in enumerate(rows)]
+        raise ValueError(f"{source}: no rows (empty dataset)")
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            examples.append(format_row(row, tokenizer, fmt, i))
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+    return examples
 
 
 @dataclasses.dataclass
@@ -84,6 +93,12 @@ class BatchIterator:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         if self.epoch == 0:
             self.truncation = stats
+        if stats.examples and stats.dropped_examples == stats.examples:
+            longest = max(len(e.ids) for e in self.examples)
+            raise ValueError(
+                f"every example is longer than data.max_seq_len={self.cfg.max_seq_len}: "
+                f"{stats.describe()}; the longest has {longest} tokens: raise data.max_seq_len"
+            )
         if not batches:
             raise ValueError(
                 f"{len(self.examples)} examples make no full batch of {per_batch} rows x {k} micro-batches "

@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 BUILTIN_PREFIX = "builtin:"
+TEXT_EXTENSIONS = (".json", ".jsonl", ".csv", ".txt")
+
+
+def check_text_file(path: str) -> None:
+    """UTF-8 throughout, not empty, and (.jsonl) one JSON object per line, checked line by line before
+    `datasets` parses the file, so an error names the file, the line and the byte offset."""
+    json_lines = path.lower().endswith(".jsonl")
+    offset, rows = 0, 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{number}: not UTF-8: byte 0x{line[err.start]:02x} at byte offset "
+                    f"{offset + err.start}; re-encode the file as UTF-8"
+                ) from None
+            offset += len(line)
+            if not text.strip():
+                continue
+            rows += 1
+            if not json_lines:
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{number}: malformed JSON line: {err.msg} (column {err.colno})"
+                ) from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+    if not rows:
+        raise ValueError(f"{path}: empty dataset (no rows)")
 
 
 def load_rows(spec: str, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
@@ -29,6 +63,8 @@ def load_rows(spec: str, split: str = "train", seed: int = 0) -> list[dict[str, 
     if ext in LOCAL_BUILDERS:
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"data file not found: {spec}")
+        if ext in TEXT_EXTENSIONS:
+            check_text_file(spec)
         dataset = datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=spec, split="train")
     elif os.path.isdir(spec):
         dataset = datasets.load_dataset(spec, split=split)

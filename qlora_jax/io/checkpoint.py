@@ -2,7 +2,8 @@
 
 Saved every `checkpoint.every` steps under <output_dir>/checkpoints/<step>/, the last `keep`
 kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-kill mid-save leaves the previous checkpoint as the latest complete one. The frozen base is never
+kill or a failed write (disk full) mid-save leaves the previous checkpoint as the latest complete
+one; a failed write raises CheckpointWriteError naming both steps. The frozen base is never
 saved: the record holds its path and a fingerprint, and resuming on another base is refused.
 """
 
@@ -31,6 +32,10 @@ def base_fingerprint(model_cfg: LlamaConfig, frozen: Any) -> str:
     return digest.hexdigest()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous complete one is untouched."""
+
+
 class TrainCheckpoints:
     """Save/restore (lora, opt_state, record) by step; async saves; keeps the last `keep`."""
 
@@ -38,23 +43,26 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=options
-        )  # orbax needs absolute
+        self.directory = os.path.abspath(directory)  # orbax needs absolute
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # the step whose async write may still fail
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, lora: Any, opt_state: Any, record: dict[str, Any]) -> None:
-        """Start saving (returns once the arrays are copied off the device; the write is async)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                lora=ocp.args.StandardSave(lora),
-                opt_state=ocp.args.StandardSave(opt_state),
-                record=ocp.args.JsonSave(record),
-            ),
+        """Start saving (returns once the arrays are copied off the device; the write is async).
+
+        A failure of this write or of the previous async one raises CheckpointWriteError.
+        """
+        args = ocp.args.Composite(
+            lora=ocp.args.StandardSave(lora),
+            opt_state=ocp.args.StandardSave(opt_state),
+            record=ocp.args.JsonSave(record),
         )
+        self._guarded(self.manager.wait_until_finished)
+        self._in_flight = step
+        self._guarded(lambda: self.manager.save(step, args=args))
 
     def restore(self, step: int, lora_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict[str, Any]]:
         """(lora, opt_state, record) of `step`, shaped and placed like the *_like trees."""
@@ -74,7 +82,20 @@ class TrainCheckpoints:
         return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the async write is done; CheckpointWriteError if it failed."""
+        self._guarded(self.manager.wait_until_finished)
+        self._in_flight = None
+
+    def _guarded(self, write: Any) -> None:
+        try:
+            write()
+        except Exception as err:
+            step, self._in_flight = self._in_flight, None
+            raise CheckpointWriteError(
+                f"checkpoint step {step} could not be written to {self.directory}: {err}; "
+                f"the latest complete checkpoint is step {self.latest_step()} (continue from it "
+                "with --config.resume=auto once the cause, e.g. a full disk, is fixed)"
+            ) from err
 
     def close(self) -> None:
         self.manager.close()

@@ -37,44 +37,60 @@ def load(
     path: str, quant: Quantization, storage_dtype: str, **runtime: Any
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """(config, frozen tree of numpy arrays) from a HF directory or a .gguf file."""
-    if is_gguf(path):
-        cfg, read = _gguf_source(path, runtime)
-    elif os.path.isdir(path):
-        cfg, read = _hf_source(path, runtime)
-    else:
-        raise FileNotFoundError(
-            f"no model at {path!r}: expected a HF directory with config.json or a .gguf file"
-        )
+    cfg, read = _gguf_source(path, runtime) if is_gguf(path) else _hf_source(_hf_dir(path), runtime)
     return cfg, build_frozen(cfg, read, quant, storage_dtype)
+
+
+def load_config(path: str, **runtime: Any) -> LlamaConfig:
+    """Only the architecture (config.json or GGUF metadata): cheap, so settings are checked before weights."""
+    if is_gguf(path):
+        import gguf
+
+        return gguf_config(gguf.GGUFReader(path), path, **runtime)
+    return _hf_config(_hf_dir(path), runtime)
+
+
+def _hf_dir(path: str) -> str:
+    if os.path.isdir(path):
+        return path
+    if os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model file {path!r} is not a .gguf file; give a HF directory (config.json + *.safetensors)"
+        )
+    raise FileNotFoundError(f"no model at {path!r}: expected a HF directory with config.json or a .gguf file")
 
 
 # --- Hugging Face directories -------------------------------------------------------------------
 
 
+def _hf_config(path: str, runtime: dict[str, Any]) -> LlamaConfig:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{config_path} not found: a HF model directory needs config.json next to its *.safetensors"
+        )
+    with open(config_path) as f:
+        return from_hf_config(json.load(f), **runtime)
+
+
 def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callable[[str], np.ndarray]]:
     from qlora_jax.io.safetensors_stream import SafetensorsFile
 
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path} has no config.json")
-    with open(config_path) as f:
-        cfg = from_hf_config(json.load(f), **runtime)
+    cfg = _hf_config(path, runtime)
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_path):
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weight_map = {
-            name: "model.safetensors"
-            for name in SafetensorsFile(os.path.join(path, "model.safetensors")).names()
-        }
+        listed_in = index_path
+    elif os.path.isfile(listed_in := os.path.join(path, "model.safetensors")):
+        weight_map = {name: "model.safetensors" for name in SafetensorsFile(listed_in).names()}
     else:
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     files: dict[str, SafetensorsFile] = {}
 
     def read(name: str) -> np.ndarray:
         if name not in weight_map:
-            raise KeyError(f"{path}: checkpoint has no tensor {name!r}")
+            raise KeyError(f"{listed_in}: no tensor {name!r} (the model's config.json needs it)")
         file = weight_map[name]
         if file not in files:
             files[file] = SafetensorsFile(os.path.join(path, file))
@@ -97,12 +113,14 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return scalars[0] if len(scalars) == 1 else scalars
 
 
-def gguf_config(reader: Any, **runtime: Any) -> LlamaConfig:
-    """LlamaConfig from a GGUF file's llama.* metadata."""
+def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
+    """LlamaConfig from a GGUF file's llama.* metadata (`path` names the file in errors)."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; valid: 'llama'")
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; valid: 'llama'")
     names = {t.name for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise KeyError(f"{path}: GGUF file has no tensor 'token_embd.weight'")
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
     num_heads = int(_field(reader, "llama.attention.head_count"))
     scaling_type = _field(reader, "llama.rope.scaling.type", "none")
@@ -110,7 +128,7 @@ def gguf_config(reader: Any, **runtime: Any) -> LlamaConfig:
     if scaling_type == "linear":
         scaling = RopeScaling("linear", float(_field(reader, "llama.rope.scaling.factor")))
     elif scaling_type not in ("none", None):
-        raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported; valid: none, linear")
+        raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported; valid: none, linear")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return LlamaConfig(
         vocab_size=int(embed.shape[-1]),
@@ -155,7 +173,7 @@ def _gguf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Calla
     import gguf
 
     reader = gguf.GGUFReader(path)
-    cfg = gguf_config(reader, **runtime)
+    cfg = gguf_config(reader, path, **runtime)
     tensors = {t.name: t for t in reader.tensors}
 
     def read(name: str) -> np.ndarray:

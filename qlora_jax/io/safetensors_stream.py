@@ -48,6 +48,8 @@ class SafetensorsFile:
         return list(self.entries)
 
     def read(self, name: str) -> np.ndarray:
+        if name not in self.entries:
+            raise KeyError(f"{self.path}: no tensor {name!r} ({len(self.entries)} tensors in the file)")
         entry = self.entries[name]
         if entry["dtype"] not in DTYPES:
             raise ValueError(

@@ -1,5 +1,5 @@
-"""Check `--config.a.b=v` overrides against the recipe before absl parses them, so a typo gets one
-line naming the key and the valid keys next to it, not a traceback from deep inside ml_collections."""
+"""Check `--config.a.b=v` overrides against the recipe before absl parses them, so a typo or a value
+of the wrong type gets one line naming the key (and what is valid), not absl's fatal flag error."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import os
 from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
+
+# the parsers ml_collections' config flags use for scalar fields: accept exactly what they accept
+_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -28,8 +32,19 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def _type_error(key: str, raw: str, current: object) -> str | None:
+    parser = _PARSERS.get(type(current))
+    if parser is None:
+        return None
+    try:
+        parser.parse(raw)
+    except (ValueError, flags.Error):
+        return f"{key}={raw!r}: expected {type(current).__name__} (the recipe has {current!r})"
+    return None
+
+
 def override_errors(argv: Sequence[str]) -> list[str]:
-    """One message per override whose key is not in the recipe (empty when all are valid)."""
+    """One message per override whose key is not in the recipe or whose value has the wrong type."""
     path = _config_path(argv)
     if path is None:
         return []
@@ -38,7 +53,7 @@ def override_errors(argv: Sequence[str]) -> list[str]:
     for arg in argv:
         if not arg.startswith("--config."):
             continue
-        key = arg[len("--config.") :].split("=", 1)[0]
+        key, has_value, raw = arg[len("--config.") :].partition("=")
         node = config
         parts = key.split(".")
         for depth, part in enumerate(parts):
@@ -48,4 +63,7 @@ def override_errors(argv: Sequence[str]) -> list[str]:
                 errors.append(f"unknown config key {key!r}: no {part!r} in {parent}; valid there: {valid}")
                 break
             node = node[part]
+        else:
+            if has_value and (message := _type_error(key, raw, node)):
+                errors.append(message)
     return errors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -23,39 +24,92 @@ from qlora_jax.data.formats import prompt_and_reference
 from qlora_jax.export import export_adapter
 from qlora_jax.io import checkpoint
 from qlora_jax.io.gguf import embedded_model_path
-from qlora_jax.io.hf import load_tokenizer
+from qlora_jax.io.hf import load_config, load_tokenizer
 from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.presets import PRESETS
 from qlora_jax.train import evaluate, plots, settings
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.metrics import MetricsWriter, read_metrics
 from qlora_jax.train.optim import learning_rate, make_optimizer
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "plots", "adapter", "config.json")
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient became NaN or infinite."""
+
+
+def prepare_run_dir(c: Any) -> None:
+    """A fresh run never mixes into an earlier run's files: refuse, unless resume or overwrite says so."""
+    found = [n for n in ("checkpoints", "metrics.jsonl") if os.path.exists(os.path.join(c.output_dir, n))]
+    if found and not c.resume:
+        if not c.overwrite:
+            raise settings.ConfigError(
+                f"output_dir={c.output_dir!r} already holds a run ({', '.join(found)}); continue it with "
+                "--config.resume=auto or replace it with --config.overwrite=True"
+            )
+        for name in RUN_FILES:
+            path = os.path.join(c.output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(c.output_dir, exist_ok=True)
+
+
+def check_tokenizer(tokenizer: Any, tokenizer_path: str, model_cfg: LlamaConfig, model_path: str) -> None:
+    """Token ids past the embedding rows would index garbage: refuse a tokenizer larger than the model's."""
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but model {model_path!r} has "
+            f"{model_cfg.vocab_size} embedding rows (vocab_size); use the tokenizer saved with the model"
+        )
+
+
+def open_model(c: Any) -> tuple[str, LlamaConfig, Any]:
+    """(model path, architecture, tokenizer), all cheap to read; the settings are checked against the
+    architecture (config.json / GGUF metadata) so a bad value stops before any weight is read."""
+    path = c.model.path or embedded_model_path()
+    model_cfg = PRESETS[path] if path in PRESETS else load_config(path, remat_policy=c.model.remat_policy)
+    settings.validate_for_model(c, model_cfg)
+    tokenizer_path = c.model.tokenizer or ("" if path in PRESETS else path)
+    if not tokenizer_path:
+        raise settings.ConfigError(f"model.path={path!r} is a preset: set model.tokenizer to tokenize data")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer(tokenizer, tokenizer_path, model_cfg, path)
+    return path, model_cfg, tokenizer
+
+
+def load_weights(c: Any, path: str) -> tuple[llama.Llama, Any]:
+    """(model, frozen): random weights for a preset name, else streamed and quantized from the file."""
+    quant, runtime = settings.quantization(c), {"remat_policy": c.model.remat_policy}
+    if path in PRESETS:
+        return llama.random_init(path, quant, c.model.dtype, seed=c.train.seed, **runtime)
+    return llama.from_pretrained(path, quant, c.model.dtype, **runtime)
 
 
 def load_model(c: Any) -> tuple[llama.Llama, Any, Any]:
     """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded)."""
-    path = c.model.path or embedded_model_path()
-    runtime = {"remat_policy": c.model.remat_policy}
-    if path in PRESETS:
-        model, frozen = llama.random_init(
-            path, settings.quantization(c), c.model.dtype, seed=c.train.seed, **runtime
-        )
-        tokenizer = load_tokenizer(c.model.tokenizer) if c.model.tokenizer else None
-        return model, frozen, tokenizer
-    model, frozen = llama.from_pretrained(path, settings.quantization(c), c.model.dtype, **runtime)
-    return model, frozen, load_tokenizer(c.model.tokenizer or path)
+    path, _, tokenizer = open_model(c)
+    return *load_weights(c, path), tokenizer
 
 
-def _split_eval(c: Any, train_rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+def load_examples(c: Any, tokenizer: Any, fmt: Any) -> tuple[list, list[dict], list]:
+    """(train examples, eval rows, eval examples); without data.eval_path a seeded fraction is held out.
+
+    Rows are tokenized in file order, so a malformed row's error gives its index in the file.
+    """
+    seed = c.train.seed
+    rows = sources.load_rows(c.data.train_path, "train", seed)
+    examples = pipeline.tokenize(rows, tokenizer, fmt, c.data.train_path)
     if c.data.eval_path:
-        return train_rows, sources.load_rows(c.data.eval_path, split="eval", seed=seed)
-    n_eval = int(len(train_rows) * c.data.eval_fraction)
-    order = np.random.default_rng(seed).permutation(len(train_rows))
-    return [train_rows[i] for i in order[n_eval:]], [train_rows[i] for i in order[:n_eval]]
+        eval_rows = sources.load_rows(c.data.eval_path, "eval", seed)
+        return examples, eval_rows, pipeline.tokenize(eval_rows, tokenizer, fmt, c.data.eval_path)
+    n_eval = int(len(rows) * c.data.eval_fraction)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held_out = order[:n_eval]
+    return [examples[i] for i in order[n_eval:]], [rows[i] for i in held_out], [examples[i] for i in held_out]
 
 
 def _peak_device_bytes() -> int | None:
@@ -65,21 +119,33 @@ def _peak_device_bytes() -> int | None:
 
 def train_and_evaluate(c: Any) -> dict[str, Any]:
     """Run the configured fine-tune; returns the end-of-run summary (also written to summary.json)."""
+    settings.validate(c)
     d = c.distributed
     sharding.initialize_distributed(d.mode, d.coordinator, d.num_processes, d.process_id)
     lead = jax.process_index() == 0  # the one process that writes files
     run_dir = c.output_dir
-    os.makedirs(run_dir, exist_ok=True)
     if lead:
+        prepare_run_dir(c)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=2))
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
     fmt, batching = settings.format_config(c), settings.batching_config(c)
-
     mesh = sharding.make_mesh(settings.mesh_config(c))
-    model, frozen, tokenizer = load_model(c)
-    if tokenizer is None:
-        raise ValueError(f"model.path={c.model.path!r} is a preset: set model.tokenizer to tokenize data")
+
+    base_path, _, tokenizer = open_model(c)
+    # data before weights: a malformed row stops the run before a large model is read and quantized
+    train_examples, eval_rows, eval_examples = load_examples(c, tokenizer, fmt)
+    batches = pipeline.BatchIterator(train_examples, batching)
+    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
+    if c.train.eval_batches:
+        eval_set = eval_set[: c.train.eval_batches]
+    eval_set = [sharding.shard_batch(mesh, b) for b in eval_set]
+    print(
+        f"data: {len(train_examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
+        f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
+    )
+
+    model, frozen = load_weights(c, base_path)
     fingerprint = checkpoint.base_fingerprint(model.config, frozen)  # before the base is split
     frozen = sharding.place(frozen, sharding.frozen_shardings(mesh, frozen))
     print(lora_lib.trainable_parameters_line(model.config, lora_cfg))
@@ -92,24 +158,17 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     state_shardings = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, lora))
     opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
     train_step = step_lib.make_train_step(
-        model, lora_cfg, optim_cfg, optimizer, state_shardings, c.train.loss_chunk, lora_shardings
+        model,
+        lora_cfg,
+        optim_cfg,
+        optimizer,
+        state_shardings,
+        c.train.loss_chunk,
+        lora_shardings,
+        skip_nonfinite=c.train.nonfinite == "skip",
     )
     micro_axis = optim_cfg.accumulation_steps > 1
     schedule = learning_rate(optim_cfg)
-
-    train_rows, eval_rows = _split_eval(
-        c, sources.load_rows(c.data.train_path, "train", c.train.seed), c.train.seed
-    )
-    batches = pipeline.BatchIterator(pipeline.tokenize(train_rows, tokenizer, fmt), batching)
-    eval_examples = pipeline.tokenize(eval_rows, tokenizer, fmt) if eval_rows else []
-    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
-    if c.train.eval_batches:
-        eval_set = eval_set[: c.train.eval_batches]
-    eval_set = [sharding.shard_batch(mesh, b) for b in eval_set]
-    print(
-        f"data: {len(train_rows)} train rows -> {batches.batches_per_epoch()} batches/epoch "
-        f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
-    )
     eval_loss_fn = evaluate.make_eval_loss(model, lora_cfg, c.train.loss_chunk)
 
     def exact_match(tag: str) -> float | None:
@@ -135,8 +194,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     checkpoints = (
         checkpoint.TrainCheckpoints(ckpt_dir, c.checkpoint.keep) if c.checkpoint.every or c.resume else None
     )
-    base_path = c.model.path or embedded_model_path()
-    start_step, tokens_seen = 0, 0.0
+    start_step, tokens_seen, skipped = 0, 0.0, 0
     if c.resume:
         if c.resume != "auto":
             raise ValueError(
@@ -145,6 +203,8 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         latest = checkpoints.latest_step()
         if latest is None:
             print(f"resume=auto: no complete checkpoint in {ckpt_dir}, starting fresh")
+            if lead:
+                truncate_metrics(run_dir, 0)
         else:
             checkpoint.check_same_base(checkpoints.record(latest), fingerprint, base_path)
             lora, opt_state, record = checkpoints.restore(latest, lora, jax.eval_shape(optimizer.init, lora))
@@ -152,20 +212,26 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
             batches.restore(record["data"])
             rng = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
             start_step, tokens_seen = latest, record["tokens_seen"]
+            skipped = record.get("skipped_steps", 0)
             if lead:
                 truncate_metrics(run_dir, latest)
             print(f"resumed from step {latest} ({ckpt_dir})")
 
+    last_saved = start_step or None
+
     def save_checkpoint(step: int) -> None:
+        nonlocal last_saved
         record = {
             "step": step,
             "data": batches.state(),
             "rng": np.asarray(jax.random.key_data(rng)).tolist(),
             "tokens_seen": tokens_seen,
+            "skipped_steps": skipped,
             "base_path": base_path,
             "base_fingerprint": fingerprint,
         }
         checkpoints.save(step, lora, opt_state, record)
+        last_saved = step
 
     stop_signal: list[int] = []
     previous_handlers = {
@@ -180,13 +246,24 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     pending = None  # (step, metrics on device, input tokens) of the previous step
 
     def log(step: int, metrics: dict, input_tokens: int, step_seconds: float) -> None:
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+        nonlocal skipped
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            what = f"loss {loss}, gradient norm {grad_norm} at step {step}"
+            if c.train.nonfinite == "stop":
+                kept = f"step {last_saved} in {ckpt_dir}" if last_saved else "none was saved"
+                raise TrainingDiverged(
+                    f"{what}: stopped (last checkpoint: {kept}); lower optim.lr, check the data, "
+                    "or skip such batches with --config.train.nonfinite=skip"
+                )
+            skipped += 1  # the step left lora and the optimizer state as they were
+            writer.write(step, {"skipped_steps": skipped})
+            tqdm.write(f"{what}: batch skipped, no update ({skipped} skipped so far)")
+            return
         row = {
             "loss": loss,
             "lr": float(schedule(step - 1)),
-            "grad_norm": float(metrics["grad_norm"]),
+            "grad_norm": grad_norm,
             "tokens_per_s": input_tokens / step_seconds,  # non-padding input tokens
             "loss_tokens": float(metrics["tokens"]),
             "step_time_s": step_seconds,
@@ -264,6 +341,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     summary |= {
         "steps": c.train.max_steps,
         "loss_tokens": tokens_seen,
+        "skipped_steps": skipped,
         "train_seconds": wall,
         "peak_device_bytes": _peak_device_bytes(),
         "adapter": adapter_dir,

@@ -92,13 +92,16 @@ def make_train_step(
     opt_state_shardings: Any = None,
     chunk_size: int = 1024,
     lora_shardings: Any = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
     """jit(train_step)(lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics).
 
     lora and opt_state are donated and come back with the shardings given (None: as XLA
     propagates them). With offload_state, `opt_state_shardings` (the device shardings of the
     state) decide where the state lives: it arrives in pinned host memory, moves to the device
-    for the update, and goes back, so between steps it costs no HBM.
+    for the update, and goes back, so between steps it costs no HBM. With skip_nonfinite, a
+    step whose loss or gradient norm is NaN or inf returns lora and opt_state unchanged
+    (selected on device: no host sync).
     """
     offload = optim_cfg.offload_state
     if offload and opt_state_shardings is None:
@@ -113,12 +116,17 @@ def make_train_step(
             # never sits on the device during the forward/backward pass (the activation peak)
             grads, opt_state = jax.lax.optimization_barrier((grads, opt_state))
             opt_state = jax.device_put(opt_state, _memory(opt_state_shardings, "device"))
-        updates, opt_state = optimizer.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, lora)
+        new_lora = optax.apply_updates(lora, updates)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            new_lora, new_opt_state = jax.tree.map(keep, (new_lora, new_opt_state), (lora, opt_state))
         if offload:
-            opt_state = jax.device_put(opt_state, _memory(opt_state_shardings, "pinned_host"))
-        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
-        return lora, opt_state, metrics
+            new_opt_state = jax.device_put(new_opt_state, _memory(opt_state_shardings, "pinned_host"))
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm}
+        return new_lora, new_opt_state, metrics
 
     state_out = _memory(opt_state_shardings, "pinned_host") if offload else opt_state_shardings
     out_shardings = (lora_shardings, state_out, None)

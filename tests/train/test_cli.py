@@ -28,6 +28,7 @@ def test_cli_trains_and_writes_the_run_directory(tiny_model, tmp_path):
         "--config.train.exact_match_examples=4",
         "--config.train.max_new_tokens=3",
         "--config.data.train_path=builtin:addition:64",
+        "--config.data.max_seq_len=64",  # the tiny model's max_position_embeddings
         f"--config.output_dir={run}",
         "--config.lora.target_modules=q_proj,v_proj",
         "--config.optim.lr=1e-4",
@@ -59,13 +60,18 @@ def test_cli_trains_and_writes_the_run_directory(tiny_model, tmp_path):
             "--config.trian.batch_size=8",
             "error: unknown config key 'trian.batch_size': no 'trian' in the top level",
         ),
-        ("--config.lora.r=eight", "flag --config.lora.r=eight: invalid literal for int()"),
+        ("--config.lora.r=eight", "error: lora.r='eight': expected int (the recipe has 16)"),
         ("--config.data.train_path=/no/such.jsonl", "error: data file not found: /no/such.jsonl"),
-        ("--config.data.format=sharegpt", "error: data.format 'sharegpt' unknown; valid:"),
+        ("--config.data.format=sharegpt", "error: data.format='sharegpt': valid: 'alpaca', 'chat'"),
     ],
 )
 def test_bad_configuration_gets_one_line_naming_the_key(tiny_model, tmp_path, override, expected):
-    out = _train(f"--config.model.path={tiny_model}", f"--config.output_dir={tmp_path}", override)
-    assert out.returncode != 0
+    out = _train(
+        f"--config.model.path={tiny_model}",
+        f"--config.output_dir={tmp_path}",
+        "--config.data.max_seq_len=64",
+        override,
+    )
+    assert out.returncode == 2
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
