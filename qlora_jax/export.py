@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from qlora_jax.io import checkpoint, peft
@@ -25,8 +26,12 @@ FORMATS = ("peft", "orbax", "merged")
 def export_adapter(
     directory: str, lora: Any, lora_cfg: LoraConfig, model_cfg: LlamaConfig, base_path: str, fingerprint: str
 ) -> None:
-    """<directory>: PEFT files (adapter_model.safetensors, adapter_config.json) and orbax/."""
-    peft.save_adapter(directory, lora, lora_cfg, model_cfg, base_path)
+    """<directory>: PEFT files (adapter_model.safetensors, adapter_config.json) and orbax/.
+
+    `lora` on the host (numpy); multi-process runs call it on every process, the first writes the
+    PEFT files and Orbax coordinates its own checkpoint."""
+    if jax.process_index() == 0:
+        peft.save_adapter(directory, lora, lora_cfg, model_cfg, base_path)
     checkpoint.save_adapter_orbax(
         os.path.join(directory, "orbax"),
         lora,
@@ -38,8 +43,6 @@ def export_adapter(
 
 def load_run(run_dir: str) -> tuple[Any, Any, Any, Any, Any, LoraConfig, str]:
     """(config, model, frozen, tokenizer, lora, lora_cfg, fingerprint) of a finished or running run."""
-    import jax
-
     from qlora_jax import lora as lora_lib
     from qlora_jax.train import settings
     from qlora_jax.train.loop import load_model

@@ -207,9 +207,16 @@ def gather_to_host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
+def wait_for_all(name: str) -> None:
+    """A barrier across processes (a no-op alone): keeps every process alive until the first has
+    written the run's files, since one leaving early takes the coordination service down."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def per_device_bytes(tree: Any) -> int:
     """Bytes of `tree` held by the first device (the largest share under these rules)."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     return sum(
         shard.data.nbytes
         for leaf in jax.tree.leaves(tree)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from qlora_jax.models.config import LlamaConfig
 
@@ -113,11 +115,13 @@ def check_same_base(record: dict[str, Any], fingerprint: str, path: str) -> None
 def save_adapter_orbax(
     directory: str, lora: Any, lora_config: dict[str, Any], base_path: str, fingerprint: str
 ) -> None:
-    """An Orbax adapter checkpoint: the LoRA tree plus its LoraConfig (peft's dict) and base identity."""
-    import shutil
+    """An Orbax adapter checkpoint: the LoRA tree plus its LoraConfig (peft's dict) and base identity.
 
-    if os.path.exists(directory):
+    Collective in multi-process runs: every process calls it (Orbax synchronizes them)."""
+    if os.path.exists(directory) and jax.process_index() == 0:
         shutil.rmtree(directory)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("adapter directory cleared")
     with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
         manager.save(
             0,

@@ -113,7 +113,7 @@ def load_examples(c: Any, tokenizer: Any, fmt: Any) -> tuple[list, list[dict], l
 
 
 def _peak_device_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
@@ -346,11 +346,12 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         "peak_device_bytes": _peak_device_bytes(),
         "adapter": adapter_dir,
     }
+    export_adapter(adapter_dir, host_lora, lora_cfg, model.config, base_path, fingerprint)
     if lead:
-        export_adapter(adapter_dir, host_lora, lora_cfg, model.config, base_path, fingerprint)
         summary["plots"] = plots.draw(run_dir)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    sharding.wait_for_all("run files written")
     peak = summary["peak_device_bytes"]
     print(
         f"done: {c.train.max_steps - start_step} steps, {tokens_seen:.0f} loss tokens, {wall:.0f} s training"
