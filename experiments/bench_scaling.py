@@ -1,0 +1,129 @@
+"""QLoRA training throughput over mesh layouts (issue 8): one GPU, data parallel, fsdp, ...
+
+Each layout runs in its own process on the first N devices; one JSON line per layout is appended
+to <out>/scaling.jsonl: layout, devices, global batch, tokens/s, per-device peak memory, per-device
+frozen bytes. Random weights of the preset's shape quantized on the device (NF4 + double quant),
+LoRA r=16 all-linear, remat full, AdamW state offloaded, bf16, random tokens. Usage:
+  python experiments/bench_scaling.py --preset llama2-7b --per_device_batch 4 --seq 2048 \
+      --layouts 1:data=1,2:data=2,2:fsdp=2 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def run_layout(
+    preset: str, n_devices: int, mesh_spec: str, per_device_batch: int, seq: int, r: int, steps: int
+):
+    import jax
+
+    from qlora_jax import lora as lora_lib
+    from qlora_jax import sharding
+    from qlora_jax.models import llama
+    from qlora_jax.train import step as step_lib
+    from qlora_jax.train.optim import OptimConfig, make_optimizer
+
+    sizes = dict(kv.split("=") for kv in mesh_spec.split(";"))
+    mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n_devices])
+    model, frozen = llama.random_init(preset, quantization="nf4", dtype="bfloat16", remat_policy="full")
+    frozen = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
+    lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
+    tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
+    lora_shardings = sharding.lora_shardings(mesh, tree)
+    tree = jax.device_put(tree, lora_shardings)
+    optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=True)
+    optimizer = make_optimizer(optim_cfg)
+    state_shardings = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, tree))
+    state = step_lib.init_opt_state(optimizer, tree, optim_cfg, state_shardings)
+    train_step = step_lib.make_train_step(
+        model, lora_cfg, optim_cfg, optimizer, state_shardings, 256, lora_shardings
+    )
+    batch = per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
+    data = sharding.shard_batch(
+        mesh, {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    )
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        tree, state, metrics = train_step(tree, state, frozen, data, None)
+        jax.block_until_ready((tree, metrics))
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    step = float(np.median(times))
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
+    return {
+        "step_s": step,
+        "tokens_per_s": batch * seq / step,
+        "global_batch": batch,
+        "peak_mem_gib_per_device": peaks,
+        "frozen_gib_per_device": sharding.per_device_bytes(frozen) / 2**30,
+        "loss": float(metrics["loss"]),
+        "jax": jax.__version__,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--per_device_batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--layouts", default="1:data=1,2:data=2,2:fsdp=2", help="devices:axis=size;axis=size,...")
+    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    p.add_argument("--child", default="", help="internal: one layout to run in this process")
+    a = p.parse_args()
+    if a.child:
+        n, mesh_spec = a.child.split(":")
+        result = run_layout(a.preset, int(n), mesh_spec, a.per_device_batch, a.seq, a.r, a.steps)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    import jax
+
+    gpu, available = jax.devices()[0].device_kind, len(jax.devices())
+    call_id = datetime.datetime.now().isoformat(timespec="seconds")
+    os.makedirs(a.out, exist_ok=True)
+    for layout in a.layouts.split(","):
+        n = int(layout.split(":")[0])
+        if n > available:
+            print(f"{layout}: skipped, {available} device(s) here", flush=True)
+            continue
+        cmd = [sys.executable, __file__, "--child", layout] + [
+            f"--{k}={getattr(a, k)}" for k in ("preset", "per_device_batch", "seq", "r", "steps")
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines and not out.returncode else {"error": out.stderr[-1500:]}
+        row |= {
+            "layout": layout,
+            "devices": n,
+            "preset": a.preset,
+            "per_device_batch": a.per_device_batch,
+            "seq": a.seq,
+            "rank": a.r,
+            "gpu": gpu,
+            "date": datetime.date.today().isoformat(),
+            "call": call_id,
+        }
+        with open(os.path.join(a.out, "scaling.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(
+            json.dumps(
+                {k: row.get(k) for k in ("layout", "tokens_per_s", "peak_mem_gib_per_device", "error")}
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
