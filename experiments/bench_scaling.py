@@ -16,9 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+from step_timing import time_train_step
 
 
 def run_layout(
@@ -53,14 +53,7 @@ def run_layout(
     data = sharding.shard_batch(
         mesh, {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        tree, state, metrics = train_step(tree, state, frozen, data, None)
-        jax.block_until_ready((tree, metrics))
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    step = float(np.median(times))
+    step, metrics = time_train_step(train_step, tree, state, frozen, data, steps)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
     return {
         "step_s": step,

@@ -16,9 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+from step_timing import time_train_step
 
 DEFAULT_SHAPES = "smollm2-135m:8x512,llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048"
 BF16_PEAK_TFLOPS = {"H100": 698.0}  # measured bf16 matmul rate in JAX (issue 7), for the %-of-peak column
@@ -61,14 +61,7 @@ def run_jax(
     data = jax.device_put(
         {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        tree, state, metrics = train_step(tree, state, frozen, data, None)
-        jax.block_until_ready((tree, metrics))
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    step = float(np.median(times))
+    step, metrics = time_train_step(train_step, tree, state, frozen, data, steps)
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "framework": "qlora_jax",
