@@ -57,6 +57,20 @@ def _split_eval(c: Any, train_rows: list[dict], seed: int) -> tuple[list[dict], 
     return [train_rows[i] for i in order[n_eval:]], [train_rows[i] for i in order[:n_eval]]
 
 
+def load_data(c: Any, tokenizer: Any) -> tuple[pipeline.BatchIterator, list[dict], list[dict]]:
+    """(train batches, eval rows, eval batches capped at train.eval_batches), as a run sees them."""
+    fmt, batching = settings.format_config(c), settings.batching_config(c)
+    train_rows, eval_rows = _split_eval(
+        c, sources.load_rows(c.data.train_path, "train", c.train.seed), c.train.seed
+    )
+    batches = pipeline.BatchIterator(pipeline.tokenize(train_rows, tokenizer, fmt), batching)
+    eval_examples = pipeline.tokenize(eval_rows, tokenizer, fmt) if eval_rows else []
+    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
+    if c.train.eval_batches:
+        eval_set = eval_set[: c.train.eval_batches]
+    return batches, eval_rows, eval_set
+
+
 def _peak_device_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
@@ -69,7 +83,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         f.write(c.to_json_best_effort(indent=2))
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
-    fmt, batching = settings.format_config(c), settings.batching_config(c)
+    fmt = settings.format_config(c)
 
     model, frozen, tokenizer = load_model(c)
     if tokenizer is None:
@@ -91,16 +105,9 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     )
     schedule = learning_rate(optim_cfg)
 
-    train_rows, eval_rows = _split_eval(
-        c, sources.load_rows(c.data.train_path, "train", c.train.seed), c.train.seed
-    )
-    batches = pipeline.BatchIterator(pipeline.tokenize(train_rows, tokenizer, fmt), batching)
-    eval_examples = pipeline.tokenize(eval_rows, tokenizer, fmt) if eval_rows else []
-    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
-    if c.train.eval_batches:
-        eval_set = eval_set[: c.train.eval_batches]
+    batches, eval_rows, eval_set = load_data(c, tokenizer)
     print(
-        f"data: {len(train_rows)} train rows -> {batches.batches_per_epoch()} batches/epoch "
+        f"data: {len(batches.examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
         f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
     )
     eval_loss_fn = evaluate.make_eval_loss(model, lora_cfg, c.train.loss_chunk)
