@@ -111,6 +111,9 @@ def quantize_with_bnb(
                     compress_statistics=double_quant,
                     quant_type=quant_type,
                 )
+                # bitsandbytes' CPU inference path repacks the weight in place on the first eval-mode
+                # forward, and matmuls with the repacked weight then pass no gradient to the input
+                q.support_avx512bf16_for_cpu = False
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 setattr(parent, name, q.to("cpu"))
