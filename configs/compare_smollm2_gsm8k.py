@@ -20,9 +20,11 @@ def get_config():
     c.data.train_path = "../shared/data/gsm8k/train.jsonl"  # relative to the repository root
     c.data.eval_path = "../shared/data/gsm8k/test.jsonl"
     c.data.max_seq_len = 256  # most GSM8K chat examples fit (~1 per packed row)
-    c.train.batch_size = 2  # ~5 s per step for both frameworks together on one CPU core
-    c.train.max_steps = 200
-    c.train.eval_batches = 8  # 16 packed rows of the test split
-    c.train.max_new_tokens = 128
+    c.train.batch_size = 2  # ~5 s per step for both frameworks together on one free CPU core
+    c.train.max_steps = 80  # what the shared 2-core machine finished in the study's session
+    c.train.eval_batches = 4  # 8 packed rows of the test split
+    c.train.max_new_tokens = 96
+    c.optim.warmup_steps = 8
+    c.compare.prompts = 3
     c.output_dir = "runs/compare_fp32"
     return c
