@@ -6,7 +6,8 @@ Tolerance: per-step |delta loss| <= 1e-3, the fp32 dropout-0 target of the study
 batches and differ only in summation order; on SmolLM2 the observed gap is ~1e-5 per step, so
 1e-3 leaves room for float32 noise that AdamW amplifies over steps, yet catches any real
 divergence (a wrong schedule, clip, decay, mask or loss normalization moves the loss by >1e-2).
-The NF4 base runs the same check: both sides use bitsandbytes' own 4-bit codes.
+The NF4 base (with 2 accumulated micro-batches) runs the same check: both sides use bitsandbytes'
+own 4-bit codes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from tests.conftest import REPO, cli_env
 TOLERANCE = 1e-3
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_compare_cli_matches_pytorch_step_by_step(tiny_model, tmp_path, quantization):
+@pytest.mark.parametrize(("quantization", "accumulation"), [("none", 1), ("nf4", 2)])
+def test_compare_cli_matches_pytorch_step_by_step(tiny_model, tmp_path, quantization, accumulation):
     run = tmp_path / "run"
     command = [
         sys.executable,
@@ -34,6 +35,7 @@ def test_compare_cli_matches_pytorch_step_by_step(tiny_model, tmp_path, quantiza
         os.path.join(REPO, "configs/compare_smollm2_gsm8k.py"),
         f"--config.model.path={tiny_model}",
         f"--config.model.quantization={quantization}",
+        f"--config.optim.accumulation_steps={accumulation}",
         "--config.data.train_path=builtin:addition:200",
         "--config.data.eval_path=builtin:addition",
         "--config.data.format=prompt_completion",

@@ -110,7 +110,8 @@ def compare(c: Any) -> dict[str, Any]:
         side: sum(r[f"seconds_{side}"] for r in timed) / len(timed) for side in ("jax", "torch")
     }
     summary["exact_match"] = generate_both(c, model, frozen, lora, tokenizer, trainer, eval_rows, run_dir)
-    title = f"{c.model.quantization} base, {c.model.dtype} compute, dropout {c.lora.dropout}"
+    base = "dense" if settings.quantization(c).quant_type is None else c.model.quantization
+    title = f"{base} base, {c.model.dtype} compute, dropout {c.lora.dropout}"
     report.plot_losses(os.path.join(run_dir, "loss_curves.png"), rows, title)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
