@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 0  # steps between train-state checkpoints (0 = off)
     c.checkpoint.keep = 3
 
+    c.compare = ml_collections.ConfigDict()  # python -m qlora_jax.compare (qlora_jax vs transformers + peft)
+    c.compare.prompts = 4  # held-out prompts both frameworks answer greedily (train.max_new_tokens long)
+    c.compare.first_steps = 50  # the summary also reports |delta loss| over these first steps
+
     c.output_dir = "runs/default"
     c.resume = ""  # "" = fresh run; "auto" = continue from the latest checkpoint in output_dir
     c.overwrite = False  # a fresh run into an output_dir holding a run replaces it instead of refusing

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.compare.torch_reference import peft_config
 from qlora_jax.models import llama
 from tests.models.hf_reference import hf_model, rel_err, save, small_config
-from tests.peft_reference import peft_config
 
 CONFIGS = {
     "all-linear": dict(target_modules="all-linear"),

@@ -112,6 +112,16 @@ def load_examples(c: Any, tokenizer: Any, fmt: Any) -> tuple[list, list[dict], l
     return [examples[i] for i in order[n_eval:]], [rows[i] for i in held_out], [examples[i] for i in held_out]
 
 
+def load_data(c: Any, tokenizer: Any) -> tuple[pipeline.BatchIterator, list[dict], list[dict]]:
+    """(train batches, eval rows, eval batches capped at train.eval_batches), as a run sees them."""
+    batching = settings.batching_config(c)
+    train_examples, eval_rows, eval_examples = load_examples(c, tokenizer, settings.format_config(c))
+    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
+    if c.train.eval_batches:
+        eval_set = eval_set[: c.train.eval_batches]
+    return pipeline.BatchIterator(train_examples, batching), eval_rows, eval_set
+
+
 def _peak_device_bytes() -> int | None:
     stats = jax.local_devices()[0].memory_stats()
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
@@ -129,19 +139,15 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=2))
     lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
-    fmt, batching = settings.format_config(c), settings.batching_config(c)
+    fmt = settings.format_config(c)
     mesh = sharding.make_mesh(settings.mesh_config(c))
 
     base_path, _, tokenizer = open_model(c)
     # data before weights: a malformed row stops the run before a large model is read and quantized
-    train_examples, eval_rows, eval_examples = load_examples(c, tokenizer, fmt)
-    batches = pipeline.BatchIterator(train_examples, batching)
-    eval_set = pipeline.eval_batches(eval_examples, batching) if eval_examples else []
-    if c.train.eval_batches:
-        eval_set = eval_set[: c.train.eval_batches]
+    batches, eval_rows, eval_set = load_data(c, tokenizer)
     eval_set = [sharding.shard_batch(mesh, b) for b in eval_set]
     print(
-        f"data: {len(train_examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
+        f"data: {len(batches.examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
         f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
     )
 

@@ -12,12 +12,12 @@ import torch
 import transformers
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.compare.torch_reference import peft_config
 from qlora_jax.io import hf_export
 from qlora_jax.io import peft as peft_io
 from qlora_jax.io.gguf import embedded_model_path
 from qlora_jax.models import llama
 from tests.models.hf_reference import hf_logits, rel_err
-from tests.peft_reference import peft_config
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CFG = lora_lib.LoraConfig(

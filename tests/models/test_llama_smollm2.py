@@ -15,13 +15,13 @@ import pytest
 import torch
 import transformers
 
+from qlora_jax.compare.torch_reference import frozen_from_bnb, quantize_with_bnb
 from qlora_jax.generate import encode_prompt, generate
 from qlora_jax.io.gguf import embedded_model_path
 from qlora_jax.io.hf import load_tokenizer
 from qlora_jax.models import llama
 from qlora_jax.quant import nf4
 from tests.models.hf_reference import hf_logits, rel_err
-from tests.peft_reference import frozen_from_bnb, quantize_with_bnb
 from tests.quant.bnb_reference import bnb_reference_quantize_blockwise
 
 PROMPTS = [

@@ -14,19 +14,17 @@ import pytest
 import torch
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.compare.torch_reference import (
+    copy_adapters_into,
+    frozen_from_bnb,
+    peft_config,
+    quantize_with_bnb,
+)
 from qlora_jax.models import llama
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.optim import OptimConfig, make_optimizer
 from tests.models.hf_reference import hf_model, save, small_config
-from tests.peft_reference import (
-    copy_adapters_into,
-    frozen_from_bnb,
-    peft_adapters,
-    peft_config,
-    peft_grads,
-    quantize_with_bnb,
-    randomize_b,
-)
+from tests.peft_reference import peft_adapters, peft_grads, randomize_b
 
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"o_proj": 2})
 

@@ -1,0 +1,133 @@
+"""transformers + peft (+ bitsandbytes NF4) models that share weights and adapters with ours."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import bitsandbytes as bnb
+import jax
+import numpy as np
+import peft
+import torch
+import transformers
+
+from qlora_jax import lora as lora_lib
+from qlora_jax.models.config import LlamaConfig, to_hf_config
+from qlora_jax.models.frozen import LINEARS
+from qlora_jax.quant import nf4
+
+
+def peft_config(cfg: lora_lib.LoraConfig) -> peft.LoraConfig:
+    target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    return peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+        layers_to_transform=None if cfg.layers_to_transform is None else list(cfg.layers_to_transform),
+        rank_pattern=dict(cfg.rank_pattern),
+        alpha_pattern=dict(cfg.alpha_pattern),
+    )
+
+
+def adapter_modules(peft_model) -> Iterator[tuple[int, str, str, Any]]:
+    """(layer, group, name, peft LoRA module) for every adapted decoder projection."""
+    for layer_index, layer in enumerate(peft_model.base_model.model.model.layers):
+        for group, names in LINEARS.items():
+            for name in names:
+                module = getattr(getattr(layer, group), name)
+                if hasattr(module, "lora_A") and "default" in module.lora_A:
+                    yield layer_index, group, name, module
+
+
+def copy_adapters_into(lora: dict, peft_model) -> dict:
+    """Our adapter tree with peft's A (r, in) and B (out, r) copied in (transposed)."""
+    lora = jax.tree.map(np.array, lora)
+    for layer, group, name, module in adapter_modules(peft_model):
+        entry = lora["layers"][group][name]
+        a = module.lora_A["default"].weight.detach().float().numpy()
+        b = module.lora_B["default"].weight.detach().float().numpy()
+        entry["a"][layer] = 0.0
+        entry["b"][layer] = 0.0
+        entry["a"][layer, :, : a.shape[0]] = a.T
+        entry["b"][layer, : b.shape[1], :] = b.T
+        np.testing.assert_allclose(entry["scale"][layer], module.scaling["default"], rtol=1e-7)
+    return lora
+
+
+def _frozen_tensor(frozen: dict, name: str) -> np.ndarray:
+    """The tensor of `frozen` (dense) under its transformers name, e.g. model.layers.3.mlp.up_proj.weight."""
+    parts = name.split(".")
+    if parts[0] == "lm_head":
+        return np.asarray(frozen["lm_head"]["weight"])
+    if parts[1] != "layers":  # model.embed_tokens.weight, model.norm.weight
+        return np.asarray(frozen[parts[1]]["weight"])
+    node = frozen["layers"]
+    for part in parts[3:]:
+        node = node[part]
+    return np.asarray(node[int(parts[2])])
+
+
+def hf_model_from_frozen(model_cfg: LlamaConfig, frozen: dict) -> transformers.LlamaForCausalLM:
+    """A float32 transformers LLaMA holding exactly the weights of a dense (unquantized) frozen tree."""
+    hf_cfg = transformers.LlamaConfig(**to_hf_config(model_cfg))
+    hf_cfg.use_cache = False
+    model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied head is listed once, as the embedding
+            param.copy_(torch.from_numpy(_frozen_tensor(frozen, name).astype(np.float32)))
+    return model
+
+
+def quantize_with_bnb(
+    hf_model,
+    compute_dtype: torch.dtype = torch.float32,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> None:
+    """Replace the decoder linears of a transformers model, in place, by bitsandbytes 4-bit layers."""
+    for layer in hf_model.model.layers:
+        for group, names in LINEARS.items():
+            parent = getattr(layer, group)
+            for name in names:
+                child = getattr(parent, name)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute_dtype,
+                    compress_statistics=double_quant,
+                    quant_type=quant_type,
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(),
+                    requires_grad=False,
+                    blocksize=blocksize,
+                    compress_statistics=double_quant,
+                    quant_type=quant_type,
+                )
+                # bitsandbytes' CPU inference path repacks the weight in place on the first eval-mode
+                # forward, and matmuls with the repacked weight then pass no gradient to the input
+                q.support_avx512bf16_for_cpu = False
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(parent, name, q.to("cpu"))
+
+
+def frozen_from_bnb(frozen: dict, hf_model) -> dict:
+    """Our frozen tree with each decoder linear taken from the bitsandbytes modules' own states."""
+    frozen = jax.tree.map(np.asarray, frozen, is_leaf=lambda x: isinstance(x, nf4.NF4Tensor))
+    for group, names in LINEARS.items():
+        for name in names:
+            per_layer = []
+            for layer in hf_model.model.layers:
+                weight = getattr(getattr(layer, group), name).weight
+                state = weight.quant_state.as_dict(packed=False) | {"weight": weight.data.numpy()}
+                per_layer.append(nf4.NF4Tensor.from_bnb(state))
+            frozen["layers"][group][name]["weight"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    return frozen
