@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qlora_jax.train.cli import override_errors
+from qlora_jax.train import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file defining get_config().", lock_config=True
@@ -22,14 +22,9 @@ def main(argv: list[str]) -> None:
     try:
         compare(_CONFIG.value)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(cli.BAD_INPUT)
 
 
 if __name__ == "__main__":
-    try:
-        errors = override_errors(sys.argv[1:])
-    except FileNotFoundError as err:
-        errors = [str(err)]
-    if errors:
-        sys.exit("error: " + "\nerror: ".join(errors))
-    app.run(main)
+    cli.run(main)

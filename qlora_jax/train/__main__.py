@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qlora_jax.io.checkpoint import CheckpointWriteError
-from qlora_jax.train.cli import override_errors
+from qlora_jax.train import cli
 from qlora_jax.train.loop import TrainingDiverged, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -19,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _DEBUG = flags.DEFINE_boolean("debug", False, "Print the traceback of an error, not only its one line.")
 flags.mark_flags_as_required(["config"])
-BAD_INPUT, RUN_FAILED = 2, 1
+RUN_FAILED = 1
 
 
 def _fail(err: BaseException, code: int) -> None:
@@ -37,17 +37,10 @@ def main(argv: list[str]) -> None:
     try:
         train_and_evaluate(_CONFIG.value)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(err, BAD_INPUT)
+        _fail(err, cli.BAD_INPUT)
     except (TrainingDiverged, CheckpointWriteError) as err:
         _fail(err, RUN_FAILED)
 
 
 if __name__ == "__main__":
-    try:
-        errors = override_errors(sys.argv[1:])
-    except FileNotFoundError as err:
-        errors = [str(err)]
-    if errors:
-        print("error: " + "\nerror: ".join(errors), file=sys.stderr)
-        sys.exit(BAD_INPUT)
-    app.run(main)
+    cli.run(main)

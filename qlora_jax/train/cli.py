@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import ml_collections
-from absl import flags
+from absl import app, flags
+
+BAD_INPUT = 2  # exit code of a run stopped by its input (config, model or data)
 
 # the parsers ml_collections' config flags use for scalar fields: accept exactly what they accept
 _PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
@@ -67,3 +70,15 @@ def override_errors(argv: Sequence[str]) -> list[str]:
             if has_value and (message := _type_error(key, raw, node)):
                 errors.append(message)
     return errors
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """absl's app.run(main), after the overrides are checked (unknown keys: one line each, exit 2)."""
+    try:
+        errors = override_errors(sys.argv[1:])
+    except FileNotFoundError as err:
+        errors = [str(err)]
+    if errors:
+        print("error: " + "\nerror: ".join(errors), file=sys.stderr)
+        sys.exit(BAD_INPUT)
+    app.run(main)
