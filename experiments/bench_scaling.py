@@ -14,9 +14,9 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
+import child_runs
 import numpy as np
 from step_timing import time_train_step
 
@@ -80,7 +80,7 @@ def main() -> None:
     if a.child:
         n, mesh_spec = a.child.split(":")
         result = run_layout(a.preset, int(n), mesh_spec, a.per_device_batch, a.seq, a.r, a.steps)
-        print("RESULT " + json.dumps(result), flush=True)
+        child_runs.report(result)
         return
     import jax
 
@@ -95,9 +95,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", layout] + [
             f"--{k}={getattr(a, k)}" for k in ("preset", "per_device_batch", "seq", "r", "steps")
         ]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines and not out.returncode else {"error": out.stderr[-1500:]}
+        row = child_runs.run(cmd)
         row |= {
             "layout": layout,
             "devices": n,

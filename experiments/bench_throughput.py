@@ -14,9 +14,9 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
+import child_runs
 import numpy as np
 from step_timing import time_train_step
 
@@ -96,7 +96,7 @@ def main() -> None:
         result = run_jax(
             name, batch, seq, a.r, a.steps, a.remat, bool(a.offload), a.loss_chunk, a.quantization
         )
-        print("RESULT " + json.dumps(result), flush=True)
+        child_runs.report(result)
         return
     import jax
 
@@ -139,12 +139,7 @@ def main() -> None:
                     str(a.steps),
                 ]
             env = os.environ | ({"JAX_PLATFORMS": "cpu"} if framework == "torch" else {})
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not lines:
-                row = {"framework": framework, "error": (out.stderr or out.stdout)[-1500:]}
-            else:
-                row = json.loads(lines[-1][7:])
+            row = {"framework": framework} | child_runs.run(cmd, env)
             params = preset(name).num_params
             row |= {
                 "shape": name,

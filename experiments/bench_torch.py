@@ -1,15 +1,15 @@
 """The PyTorch QLoRA stack on one shape: transformers + peft + bitsandbytes (NF4, double quant),
 sdpa attention, gradient checkpointing, PagedAdamW32bit, LoRA on all 7 projections, random tokens.
-Prints one JSON line (RESULT {...}). Called by bench_throughput.py; random bf16 weights are built on
-the GPU and quantized there, layer by layer, so nothing large travels."""
+Prints one JSON line (RESULT {...}, child_runs.report). Called by bench_throughput.py; random bf16
+weights are built on the GPU and quantized there, layer by layer, so nothing large travels."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import bitsandbytes as bnb
+import child_runs
 import peft
 import torch
 import transformers
@@ -82,24 +82,20 @@ def main() -> None:
             times.append(time.perf_counter() - start)
     times.sort()
     step = times[len(times) // 2]
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "framework": "torch+peft+bnb",
-                "step_s": step,
-                "tokens_per_s": a.batch * a.seq / step,
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "loss": float(loss),
-                "versions": {
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "peft": peft.__version__,
-                    "bitsandbytes": bnb.__version__,
-                },
-            }
-        ),
-        flush=True,
+    child_runs.report(
+        {
+            "framework": "torch+peft+bnb",
+            "step_s": step,
+            "tokens_per_s": a.batch * a.seq / step,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "loss": float(loss),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                "bitsandbytes": bnb.__version__,
+            },
+        }
     )
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+import child_runs
 import numpy as np
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.offload is not None:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        child_runs.report(child(args))
         return
     comparisons = []
     for shape in args.shapes.split(","):
@@ -98,11 +98,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--offload", str(offload)] + [
                 f"--{k}={getattr(args, k)}" for k in ("preset", "batch", "seq", "r", "remat", "steps")
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
-                raise SystemExit(out.returncode)
-            runs.append(json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:]))
+            result = child_runs.run(cmd)
+            if "error" in result:
+                sys.exit(result["error"])
+            runs.append(result)
         on, off = runs
         comparisons.append(
             {

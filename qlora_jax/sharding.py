@@ -188,8 +188,8 @@ def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray], leading_micro_axis: bo
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     per_process = n_rows // jax.process_count()
-    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-    local = {k: np.take(v, np.arange(n_rows)[rows], axis=rows_axis) for k, v in batch.items()}
+    rows = np.arange(per_process) + jax.process_index() * per_process
+    local = {k: np.take(v, rows, axis=rows_axis) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(sharding, v, batch[k].shape) for k, v in local.items()}
 
 

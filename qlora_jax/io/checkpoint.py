@@ -34,6 +34,11 @@ def base_fingerprint(model_cfg: LlamaConfig, frozen: Any) -> str:
     return digest.hexdigest()
 
 
+def _abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of `tree` (arrays or ShapeDtypeStructs): what a restore fills."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. disk full); the previous complete one is untouched."""
 
@@ -68,12 +73,11 @@ class TrainCheckpoints:
 
     def restore(self, step: int, lora_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict[str, Any]]:
         """(lora, opt_state, record) of `step`, shaped and placed like the *_like trees."""
-        abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                lora=ocp.args.StandardRestore(abstract(lora_like)),
-                opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
+                lora=ocp.args.StandardRestore(_abstract(lora_like)),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
                 record=ocp.args.JsonRestore(),
             ),
         )
@@ -143,7 +147,7 @@ def load_adapter_orbax(directory: str, lora_like: Any) -> tuple[Any, dict[str, A
         out = manager.restore(
             0,
             args=ocp.args.Composite(
-                lora=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, lora_like)),
+                lora=ocp.args.StandardRestore(_abstract(lora_like)),
                 record=ocp.args.JsonRestore(),
             ),
         )

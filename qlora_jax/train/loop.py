@@ -161,7 +161,8 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     lora_shardings = sharding.lora_shardings(mesh, lora)
     lora = sharding.place(lora, lora_shardings)
     optimizer = make_optimizer(optim_cfg)
-    state_shardings = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, lora))
+    abstract_state = jax.eval_shape(optimizer.init, lora)
+    state_shardings = sharding.opt_state_shardings(mesh, abstract_state)
     opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
     train_step = step_lib.make_train_step(
         model,
@@ -179,9 +180,10 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
 
     def exact_match(tag: str) -> float | None:
         n = min(c.train.exact_match_examples, len(eval_rows))
-        if n and jax.process_count() > 1:
+        if not n:
+            return None
+        if jax.process_count() > 1:
             print(f"exact match {tag}: skipped (generation runs on one host; use qlora_jax.generate)")
-        if not n or jax.process_count() > 1:
             return None
         prompts, refs = zip(
             *(prompt_and_reference(r, tokenizer, fmt, i) for i, r in enumerate(eval_rows[:n])), strict=True
@@ -201,11 +203,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         checkpoint.TrainCheckpoints(ckpt_dir, c.checkpoint.keep) if c.checkpoint.every or c.resume else None
     )
     start_step, tokens_seen, skipped = 0, 0.0, 0
-    if c.resume:
-        if c.resume != "auto":
-            raise ValueError(
-                f"resume={c.resume!r} unknown; valid: '' (fresh run) or 'auto' (latest checkpoint)"
-            )
+    if c.resume:  # settings.validate allows only "auto" here
         latest = checkpoints.latest_step()
         if latest is None:
             print(f"resume=auto: no complete checkpoint in {ckpt_dir}, starting fresh")
@@ -213,7 +211,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
                 truncate_metrics(run_dir, 0)
         else:
             checkpoint.check_same_base(checkpoints.record(latest), fingerprint, base_path)
-            lora, opt_state, record = checkpoints.restore(latest, lora, jax.eval_shape(optimizer.init, lora))
+            lora, opt_state, record = checkpoints.restore(latest, lora, abstract_state)
             opt_state = step_lib.place_opt_state(opt_state, optim_cfg, state_shardings)
             batches.restore(record["data"])
             rng = jax.random.wrap_key_data(np.asarray(record["rng"], np.uint32))
