@@ -39,6 +39,25 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+_HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+def _detached_from_donation(tree: Any) -> Any:
+    """`tree` with every host-memory array copied; device arrays as they are.
+
+    Orbax reads a host-memory array zero-copy and keeps that view until its background write
+    ends, so the next step could not donate the array (the offloaded AdamW state): XLA refuses
+    a buffer with an external reference. The copy belongs to the save alone. Device arrays need
+    none: Orbax copies them to the host before `save` returns."""
+
+    def detach(x: Any) -> Any:
+        if isinstance(x, jax.Array) and x.sharding.memory_kind in _HOST_MEMORY_KINDS:
+            return jax.device_put(x, x.sharding, may_alias=False)
+        return x
+
+    return jax.tree.map(detach, tree)
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. disk full); the previous complete one is untouched."""
 
@@ -59,12 +78,13 @@ class TrainCheckpoints:
 
     def save(self, step: int, lora: Any, opt_state: Any, record: dict[str, Any]) -> None:
         """Start saving (returns once the arrays are copied off the device; the write is async).
+        The caller may donate `lora` and `opt_state` to the next step right away.
 
         A failure of this write or of the previous async one raises CheckpointWriteError.
         """
         args = ocp.args.Composite(
-            lora=ocp.args.StandardSave(lora),
-            opt_state=ocp.args.StandardSave(opt_state),
+            lora=ocp.args.StandardSave(_detached_from_donation(lora)),
+            opt_state=ocp.args.StandardSave(_detached_from_donation(opt_state)),
             record=ocp.args.JsonSave(record),
         )
         self._guarded(self.manager.wait_until_finished)

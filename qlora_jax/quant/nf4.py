@@ -252,6 +252,21 @@ def quantize_blockwise_8bit(x: jax.Array, block_size: int = NESTED_BLOCK_SIZE) -
     return codes.reshape(-1)[:n].astype(jnp.uint8), absmax_N
 
 
+def fixed_order_mean(x: jax.Array) -> jax.Array:
+    """Mean of 1-D float32 `x` summed as a fixed pairwise tree of elementwise adds.
+
+    A reduce op leaves its summation order to the compiler, which on GPU picks it per fusion and
+    autotuning result, so `jnp.mean` of the same values can differ in the last bit between two
+    processes. Float addition is commutative, so a tree of pairwise adds has one result whatever
+    the compiler does; the double-quant offset, and so every scale code, becomes reproducible."""
+    n = x.shape[0]
+    total = jnp.pad(x.astype(jnp.float32), (0, (1 << max(n - 1, 0).bit_length()) - n))
+    while total.shape[0] > 1:
+        pairs = total.reshape(-1, 2)
+        total = pairs[:, 0] + pairs[:, 1]
+    return total[0] / jnp.float32(n)
+
+
 def quantize(
     w: jax.Array,
     block_size: int = 64,
@@ -261,7 +276,8 @@ def quantize(
 ) -> NF4Tensor:
     """Quantize `w` (float32/bf16/fp16, size divisible by `block_size`) to 4 bits per value.
 
-    `dq_offset` overrides the mean subtracted from the absmax values before double quantization.
+    `dq_offset` overrides the mean subtracted from the absmax values before double quantization
+    (by default `fixed_order_mean`, the same bits on every backend and in every process).
     bitsandbytes takes it from `torch.mean`, whose float32 rounding depends on torch's reduction
     order; pass its `nested_offset` to reproduce a bitsandbytes quantization byte for byte.
     """
@@ -270,7 +286,7 @@ def quantize(
     packed, absmax = quantize_blockwise_4bit(w, block_size, quant_type)
     nested_absmax = offset = None
     if double_quant:
-        offset = jnp.mean(absmax) if dq_offset is None else jnp.asarray(dq_offset, jnp.float32)
+        offset = fixed_order_mean(absmax) if dq_offset is None else jnp.asarray(dq_offset, jnp.float32)
         absmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCK_SIZE)
     return NF4Tensor(
         packed=packed,
