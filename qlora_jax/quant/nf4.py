@@ -253,18 +253,20 @@ def quantize_blockwise_8bit(x: jax.Array, block_size: int = NESTED_BLOCK_SIZE) -
 
 
 def fixed_order_mean(x: jax.Array) -> jax.Array:
-    """Mean of 1-D float32 `x` summed as a fixed pairwise tree of elementwise adds.
+    """Mean of 1-D float32 `x`: a fixed pairwise tree of elementwise adds, times 1/n.
 
-    A reduce op leaves its summation order to the compiler, which on GPU picks it per fusion and
-    autotuning result, so `jnp.mean` of the same values can differ in the last bit between two
-    processes. Float addition is commutative, so a tree of pairwise adds has one result whatever
-    the compiler does; the double-quant offset, and so every scale code, becomes reproducible."""
+    A reduce op leaves its summation order to the compiler: on an H100, `jnp.mean` of the same
+    absmax values changed with the autotuning level, and so did every scale code and the base's
+    fingerprint (experiments/results/fingerprint_probe.json). Float addition is commutative, so a
+    tree of pairwise adds has one result whatever the compiler does."""
     n = x.shape[0]
     total = jnp.pad(x.astype(jnp.float32), (0, (1 << max(n - 1, 0).bit_length()) - n))
     while total.shape[0] > 1:
         pairs = total.reshape(-1, 2)
         total = pairs[:, 0] + pairs[:, 1]
-    return total[0] / jnp.float32(n)
+    # times the float32 reciprocal, as XLA compiles a division by a constant anyway (in jit only,
+    # so spelling it out makes eager, jit and vmap agree); within 1 ulp of the quotient
+    return total[0] * np.float32(1.0 / n)
 
 
 def quantize(

@@ -30,7 +30,7 @@ from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.presets import PRESETS
 from qlora_jax.train import evaluate, plots, settings
 from qlora_jax.train import step as step_lib
-from qlora_jax.train.metrics import MetricsWriter, read_metrics
+from qlora_jax.train.metrics import MetricsWriter, read_metrics, tensorboard_available
 from qlora_jax.train.optim import learning_rate, make_optimizer
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "plots", "adapter", "config.json")
@@ -134,6 +134,8 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     sharding.initialize_distributed(d.mode, d.coordinator, d.num_processes, d.process_id)
     lead = jax.process_index() == 0  # the one process that writes files
     run_dir = c.output_dir
+    # optional writers are looked for now, not after the model is built
+    tensorboard, can_plot = (tensorboard_available(), plots.available()) if lead else (False, False)
     if lead:
         prepare_run_dir(c)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -242,7 +244,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
         s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
         for s in (signal.SIGTERM, signal.SIGINT)
     }
-    writer = MetricsWriter(run_dir if lead else None)
+    writer = MetricsWriter(run_dir if lead else None, tensorboard)
     summary: dict[str, Any] = {
         "exact_match_before": exact_match("before training") if not start_step else None
     }
@@ -352,7 +354,7 @@ def train_and_evaluate(c: Any) -> dict[str, Any]:
     }
     export_adapter(adapter_dir, host_lora, lora_cfg, model.config, base_path, fingerprint)
     if lead:
-        summary["plots"] = plots.draw(run_dir)
+        summary["plots"] = plots.draw(run_dir) if can_plot else []
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     sharding.wait_for_all("run files written")

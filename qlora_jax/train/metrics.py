@@ -8,19 +8,36 @@ import os
 from typing import Any
 
 
+def tensorboard_available() -> bool:
+    """Whether tensorboardX imports; if not, one warning line now, before any weight is read."""
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return True
+    print(
+        "warning: tensorboardX is not installed: TensorBoard events are skipped "
+        "(metrics.jsonl holds the same scalars; pip install tensorboardX to get them)"
+    )
+    return False
+
+
 class MetricsWriter:
-    """Appends to <run_dir>/metrics.jsonl and TensorBoard; run_dir None writes nothing (processes
-    other than the first of a multi-host run)."""
+    """Appends to <run_dir>/metrics.jsonl and, with `tensorboard`, to TensorBoard; run_dir None
+    writes nothing (processes other than the first of a multi-host run)."""
 
-    def __init__(self, run_dir: str | None):
-        from tensorboardX import SummaryWriter
-
+    def __init__(self, run_dir: str | None, tensorboard: bool = True):
         self.enabled = run_dir is not None
         if not self.enabled:
             return
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
-        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -28,6 +45,8 @@ class MetricsWriter:
         row = {"step": step} | {k: float(v) for k, v in values.items()}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self._tb is None:
+            return
         for key, value in row.items():
             if key != "step" and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
@@ -36,7 +55,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._file.close()
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+from qlora_jax.train.metrics import read_metrics
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from qlora_jax.train.metrics import read_metrics  # noqa: E402
+def available() -> bool:
+    """Whether matplotlib imports; if not, one warning line now, before any weight is read."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return True
+    print("warning: matplotlib is not installed: plots/ is skipped (pip install matplotlib to get it)")
+    return False
 
 
 def draw(run_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
     written = []

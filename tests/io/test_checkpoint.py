@@ -136,3 +136,22 @@ def test_relative_checkpoint_directories_work(tmp_path, monkeypatch):
     restored, _, record = ckpts.restore(5, lora, state)
     assert record == {"step": 5} and float(restored["a"][3]) == 3.0
     assert (tmp_path / "runs" / "x" / "checkpoints" / "5").is_dir()
+
+
+def test_save_copies_host_memory_arrays_so_the_next_step_may_donate_them(tmp_path):
+    """Orbax keeps a zero-copy view of a host-memory array until its background write ends; the
+    next step donating it failed on the GPU (experiments/donation_probe.py). The save must work on
+    copies of such arrays and leave device arrays alone (Orbax copies those before returning)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.io.checkpoint import _detached_from_donation
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    on_device = jnp.arange(8.0)
+    on_host = jax.device_put(jnp.arange(8.0), device.with_memory_kind("pinned_host"))
+    detached = _detached_from_donation({"lora": on_device, "moment": on_host})
+    assert detached["lora"] is on_device
+    assert detached["moment"].sharding == on_host.sharding
+    assert detached["moment"].unsafe_buffer_pointer() != on_host.unsafe_buffer_pointer()
+    np.testing.assert_array_equal(np.asarray(detached["moment"]), np.asarray(on_host))

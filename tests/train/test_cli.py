@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env, train_command
+from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
 
 
 def _train(*overrides: str) -> subprocess.CompletedProcess:
@@ -75,3 +76,32 @@ def test_bad_configuration_gets_one_line_naming_the_key(tiny_model, tmp_path, ov
     assert out.returncode == 2
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_missing_tensorboardx_and_matplotlib_warn_at_start_and_the_run_completes(tiny_model, tmp_path):
+    """A GPU image without the optional writers: one warning line each at start, no traceback."""
+    driver = tmp_path / "without_writers.py"
+    driver.write_text(
+        "import runpy, sys\n"
+        "sys.modules['tensorboardX'] = None  # import raises ImportError, as when not installed\n"
+        "sys.modules['matplotlib'] = None\n"
+        "runpy.run_module('qlora_jax.train', run_name='__main__')\n"
+    )
+    run = tmp_path / "run"
+    command = train_command(*tiny_run_overrides(tiny_model, run, 2))
+    out = subprocess.run(
+        [sys.executable, str(driver), *command[3:]],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    warnings = [i for i, line in enumerate(lines) if line.startswith("warning: ")]
+    missing = [lines[i].split(":")[1].strip() for i in warnings]
+    assert missing == ["tensorboardX is not installed", "matplotlib is not installed"]
+    assert warnings[-1] < next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert (run / "metrics.jsonl").exists() and (run / "adapter").is_dir()
+    assert not (run / "tensorboard").exists() and not (run / "plots").exists()
