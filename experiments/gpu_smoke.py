@@ -1,0 +1,333 @@
+"""The GPU guard: the real CLIs, run as a user runs them, on 1 GPU and on 2 (mesh.data=2, mesh.fsdp=2).
+
+CI has no GPU, so bugs that only a GPU shows (buffer donation, compiler nondeterminism) are caught
+here. Run it after any change under qlora_jax/train, io, models or sharding, in one device call:
+
+  python experiments/gpu_smoke.py --tokenizer .smoke/tokenizer --out $OUT/gpu_smoke.json
+
+Per layout it trains a SmolLM2-135M-shaped HF checkpoint (random weights, written by transformers
+here, loaded through the safetensors path) on builtin:addition with checkpoints every 5 steps,
+evaluation and exact match with generation; runs the same recipe again, sends SIGTERM mid-run and
+resumes with resume=auto to the end, comparing every loss with the uninterrupted run; exports the
+adapter as PEFT, Orbax and merged; generates with --adapter. Once, two fresh processes (the
+second with autotuning off, which changed the NF4 bytes before the fix) load the base and must
+give the same fingerprint. Independent runs of one layout go in parallel to fit one call.
+Writes JSON: commit, GPU, and per check pass/fail with its figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY, STOP_AFTER = 20, 5, 8
+# Losses of the resumed run against the uninterrupted one: the same compiled step on the same
+# batches, RNG keys and state, so equal up to the GPU libraries' choices (cuBLAS/cuDNN algorithms
+# picked per process) in bf16: 1e-3 absolute on losses near 4-11 nats is ~1e-4 relative.
+LOSS_TOLERANCE = 1e-3
+LAYOUTS = {
+    "1 GPU": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1"]),
+    "2 GPUs, mesh.data=2": ({}, ["--config.mesh.data=2"]),
+    "2 GPUs, mesh.fsdp=2": ({}, ["--config.mesh.data=1", "--config.mesh.fsdp=2"]),
+}
+
+
+CPU_TRIAL = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+_trial_env: dict[str, str] = {}  # --cpu: a dry run of this script on 2 CPU devices
+
+
+def command_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Several processes share the GPUs: allocate on demand instead of 75% each up front."""
+    env = os.environ | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONUNBUFFERED": "1"}
+    if _trial_env:  # CPU devices stand in for GPUs; CUDA_VISIBLE_DEVICES=0 means one of them
+        one = (extra or {}).get("CUDA_VISIBLE_DEVICES") == "0"
+        return env | {"PYTHONPATH": REPO} | _trial_env | ({"XLA_FLAGS": ""} if one else {})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
+    return env | (extra or {})
+
+
+def run(cmd: list[str], log: str, env: dict[str, str]) -> tuple[int, str]:
+    """(exit code, output) of one CLI process, its output also kept in `log`."""
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    with open(log) as f:
+        return code, f.read()
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    """Training loss by step from metrics.jsonl ({} before the run wrote any)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def make_base(directory: str, tokenizer: str, layers: int) -> None:
+    """A SmolLM2-135M-shaped HF checkpoint with random weights (bf16 safetensors) and tokenizer;
+    `layers` > 0 keeps only that many layers (CPU dry runs)."""
+    script = (
+        "import sys, torch, transformers\n"
+        "from qlora_jax.models.config import to_hf_config\n"
+        "from qlora_jax.models.presets import preset\n"
+        "torch.manual_seed(0)\n"
+        f"shape = preset('smollm2-135m'{f', num_layers={layers}' if layers else ''})\n"
+        "cfg = transformers.LlamaConfig(**to_hf_config(shape))\n"
+        "model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)\n"
+        "model.save_pretrained(sys.argv[1])\n"
+        "transformers.AutoTokenizer.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, directory, tokenizer], check=True, env=command_env())
+
+
+def train_cmd(base: str, run_dir: str, layout_args: list[str], *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "qlora_jax.train",
+        "--config",
+        os.path.join(REPO, "configs/smollm2_demo.py"),
+        f"--config.model.path={base}",
+        "--config.model.dtype=bfloat16",
+        "--config.model.remat_policy=full",
+        "--config.data.max_seq_len=128",
+        "--config.train.batch_size=8",
+        f"--config.train.max_steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=10",
+        "--config.train.eval_batches=2",
+        "--config.train.exact_match_examples=16",
+        "--config.lora.dropout=0.1",  # resume must restore the dropout RNG too
+        "--config.optim.offload_state=True",  # the QLoRA recipes' setting; donated host arrays
+        "--config.optim.warmup_steps=2",
+        f"--config.checkpoint.every={EVERY}",
+        f"--config.output_dir={run_dir}",
+        *layout_args,
+        *extra,
+    ]
+
+
+def interrupted_run(cmd: list[str], run_dir: str, log: str, env: dict[str, str]) -> tuple[int, str, int]:
+    """Start a run, SIGTERM it once a step after STOP_AFTER is logged; (code, output, last step)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if max(losses(run_dir), default=0) > STOP_AFTER:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.2)
+        code = proc.wait()
+    with open(log) as f:
+        return code, f.read(), max(losses(run_dir), default=0)
+
+
+def check(name: str, ok: bool, figure: object) -> dict[str, object]:
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {figure}", flush=True)
+    return {"check": name, "pass": bool(ok), "figure": figure}
+
+
+def tail(text: str, n: int = 600) -> str:
+    return text[-n:].replace("\r", "\n")
+
+
+def layout_checks(layout: str, base: str, work: str) -> list[dict[str, object]]:
+    extra_env, layout_args = LAYOUTS[layout]
+    env = command_env(extra_env)
+    tag = layout.replace(" ", "").replace(",", "_").replace("=", "")
+    straight, stopped = os.path.join(work, f"{tag}_straight"), os.path.join(work, f"{tag}_stopped")
+    logs = os.path.join(work, "logs")
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(run, train_cmd(base, straight, layout_args), f"{logs}/{tag}_straight.log", env)
+        b = pool.submit(
+            interrupted_run, train_cmd(base, stopped, layout_args), stopped, f"{logs}/{tag}_stopped.log", env
+        )
+        (code, out), (stop_code, stop_out, stop_step) = a.result(), b.result()
+    results = []
+    ckpt_dir = os.path.join(straight, "checkpoints")
+    saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) if code == 0 else []
+    results.append(
+        check(
+            f"{layout}: train {STEPS} steps, checkpoint every {EVERY}",
+            code == 0 and saved == [10, 15, 20],
+            f"exit {code}, checkpoints {saved}" + ("" if code == 0 else f", log: {tail(out)}"),
+        )
+    )
+    summary = {}
+    if code == 0:
+        with open(os.path.join(straight, "summary.json")) as f:
+            summary = json.load(f)
+    straight_losses = losses(straight) if code == 0 else {}
+    eval_rows = []
+    if code == 0:
+        with open(os.path.join(straight, "metrics.jsonl")) as f:
+            eval_rows = [json.loads(line) for line in f if "eval_loss" in line]
+    results.append(
+        check(
+            f"{layout}: eval loss and exact match with generation",
+            [r["step"] for r in eval_rows] == [10, 20] and summary.get("exact_match_after") is not None,
+            {
+                "eval_loss": [round(r["eval_loss"], 4) for r in eval_rows],
+                "exact_match_before": summary.get("exact_match_before"),
+                "exact_match_after": summary.get("exact_match_after"),
+                "first_loss": straight_losses.get(1),
+                "last_loss": straight_losses.get(STEPS),
+                "peak_device_gib": round((summary.get("peak_device_bytes") or 0) / 2**30, 3),
+            },
+        )
+    )
+    stopped_cleanly = stop_code == 0 and "stopped by signal" in stop_out
+    resume_code, resume_out = run(
+        train_cmd(base, stopped, layout_args, "--config.resume=auto"), f"{logs}/{tag}_resumed.log", env
+    )
+    resumed = losses(stopped) if resume_code == 0 else {}
+    diffs = [abs(resumed[s] - straight_losses[s]) for s in straight_losses if s in resumed]
+    exact = sum(resumed.get(s) == v for s, v in straight_losses.items())
+    results.append(
+        check(
+            f"{layout}: SIGTERM mid-run, then resume=auto to the end, losses continue",
+            stopped_cleanly
+            and resume_code == 0
+            and f"resumed from step {stop_step}" in resume_out
+            and sorted(resumed) == list(range(1, STEPS + 1))
+            and max(diffs, default=1.0) <= LOSS_TOLERANCE,
+            {
+                "stopped_after_step": stop_step,
+                "resume_exit": resume_code,
+                "max_abs_loss_diff_vs_uninterrupted": max(diffs, default=None),
+                "tolerance": LOSS_TOLERANCE,
+                "bitwise_equal_steps": f"{exact} of {len(straight_losses)}",
+            }
+            | ({} if resume_code == 0 and stopped_cleanly else {"log": tail(stop_out + resume_out)}),
+        )
+    )
+    if code != 0:
+        return results
+    exports = {
+        "peft": (["--format", "peft"], ["adapter_model.safetensors", "adapter_config.json"]),
+        "orbax": (["--format", "orbax"], []),
+        "merged": (["--format", "merged", "--requantize_error"], ["config.json", "tokenizer.json"]),
+    }
+
+    def export(name: str) -> tuple[int, str, list[str]]:
+        out_dir = os.path.join(work, f"{tag}_{name}")
+        args, files = exports[name]
+        cmd = [sys.executable, "-m", "qlora_jax.export", "--run", straight, *args, "--out", out_dir]
+        code, out = run(cmd, f"{logs}/{tag}_export_{name}.log", env)
+        missing = [f for f in files if not os.path.exists(os.path.join(out_dir, f))]
+        return code, out, missing + ([] if os.path.isdir(out_dir) else [out_dir])
+
+    generate_cmd = [
+        sys.executable,
+        "-m",
+        "qlora_jax.generate",
+        "--model",
+        base,
+        "--adapter",
+        os.path.join(straight, "adapter"),
+        "--prompt",
+        "Question: What is 17 + 25?\nAnswer:",
+        "--max_new_tokens",
+        "8",
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        jobs = {name: pool.submit(export, name) for name in exports}
+        generated = pool.submit(run, generate_cmd, f"{logs}/{tag}_generate.log", env)
+        for name, job in jobs.items():
+            code, out, missing = job.result()
+            figure = {"exit": code, "missing": missing}
+            if name == "merged":
+                lines = [line for line in out.splitlines() if "re-quantizing" in line]
+                figure["requantize"] = lines[0] if lines else ""
+            if code:
+                figure["log"] = tail(out)
+            results.append(check(f"{layout}: export --format {name}", code == 0 and not missing, figure))
+        code, out = generated.result()
+        text = out.strip().splitlines()[-1] if out.strip() else ""
+        results.append(
+            check(
+                f"{layout}: python -m qlora_jax.generate --adapter",
+                code == 0,
+                {"exit": code, "last_line": text[-200:]} | ({} if code == 0 else {"log": tail(out)}),
+            )
+        )
+    return results
+
+
+def fingerprint_check(base: str) -> dict[str, object]:
+    """Two fresh processes load the base; the second with autotuning off (its default changed the
+    NF4 bytes before the fixed-order offset). Their fingerprints must be equal."""
+    script = (
+        "import sys\n"
+        "from qlora_jax.io.checkpoint import base_fingerprint\n"
+        "from qlora_jax.models import llama\n"
+        "model, frozen = llama.from_pretrained(sys.argv[1], 'nf4')\n"
+        "print(base_fingerprint(model.config, frozen))\n"
+    )
+    prints = []
+    for flags in ("", "" if _trial_env else "--xla_gpu_autotune_level=0"):
+        env = command_env({"CUDA_VISIBLE_DEVICES": "0"} | ({"XLA_FLAGS": flags} if flags else {}))
+        cmd = [sys.executable, "-c", script, base]
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        prints.append(out.stdout.strip().splitlines()[-1][:12] if out.returncode == 0 else tail(out.stderr))
+    name = "a second process (autotuning off) reloading the base gives the same fingerprint"
+    return check(name, prints[0] == prints[1], prints)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (SmolLM2's)")
+    parser.add_argument("--out", default=os.path.join(REPO, "experiments/results/gpu_smoke.json"))
+    parser.add_argument("--layouts", default=";".join(LAYOUTS), help="subset of the layouts, ;-separated")
+    parser.add_argument("--cpu", action="store_true", help="dry run of the script itself on 2 CPU devices")
+    args = parser.parse_args()
+    if args.cpu:
+        _trial_env.update(CPU_TRIAL)
+    work = tempfile.mkdtemp(prefix="gpu_smoke_")
+    os.makedirs(os.path.join(work, "logs"))
+    base = os.path.join(work, "base")
+    make_base(base, os.path.abspath(args.tokenizer), 2 if args.cpu else 0)
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "HEAD") + ("+uncommitted" if git("status", "--porcelain", "qlora_jax") else "")
+    query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+    gpus = ["CPU dry run"] if args.cpu else subprocess.run(query, capture_output=True, text=True).stdout
+    gpus = gpus if args.cpu else gpus.strip().splitlines()
+    started = time.time()
+    checks = [fingerprint_check(base)]
+
+    def write_report() -> dict[str, object]:
+        """Rewritten after every layout: a call cut off at its time limit still returns its checks."""
+        report = {
+            "commit": commit,
+            "date": time.strftime("%Y-%m-%d"),
+            "gpus": gpus,
+            "model": "SmolLM2-135M shape, random weights, HF safetensors (bf16), NF4 + double quant, "
+            "LoRA r=16 on all linears",
+            "run": f"builtin:addition, batch 8 x 128 tokens, {STEPS} steps, checkpoint every {EVERY}, "
+            "offloaded AdamW state, dropout 0.1",
+            "seconds": round(time.time() - started),
+            "all_pass": all(c["pass"] for c in checks),
+            "checks": checks,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        return report
+
+    for layout in args.layouts.split(";"):
+        checks += layout_checks(layout, base, work)
+        report = write_report()
+    print(f"{sum(c['pass'] for c in checks)}/{len(checks)} checks pass in {report['seconds']} s; {args.out}")
+    sys.exit(0 if report["all_pass"] else 1)
+
+
+if __name__ == "__main__":
+    main()
