@@ -3,7 +3,7 @@
 CI has no GPU, so bugs that only a GPU shows (buffer donation, compiler nondeterminism) are caught
 here. Run it after any change under qlora_jax/train, io, models or sharding, in one device call:
 
-  python experiments/gpu_smoke.py --tokenizer .smoke/tokenizer --out $OUT/gpu_smoke.json
+  python experiments/gpu_smoke.py --tokenizer .smoke/tokenizer --out $OUT/gpu_smoke.json --commit <hash>
 
 Per layout it trains a SmolLM2-135M-shaped HF checkpoint (random weights, written by transformers
 here, loaded through the safetensors path) on builtin:addition with checkpoints every 5 steps,
@@ -288,6 +288,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "experiments/results/gpu_smoke.json"))
     parser.add_argument("--layouts", default=";".join(LAYOUTS), help="subset of the layouts, ;-separated")
     parser.add_argument("--cpu", action="store_true", help="dry run of the script itself on 2 CPU devices")
+    parser.add_argument(
+        "--commit", default="", help="commit under test (the device's .git need not be this checkout's)"
+    )
     args = parser.parse_args()
     if args.cpu:
         _trial_env.update(CPU_TRIAL)
@@ -296,7 +299,8 @@ def main() -> None:
     base = os.path.join(work, "base")
     make_base(base, os.path.abspath(args.tokenizer), 2 if args.cpu else 0)
     git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "HEAD") + ("+uncommitted" if git("status", "--porcelain", "qlora_jax") else "")
+    local = git("rev-parse", "HEAD") + ("+uncommitted" if git("status", "--porcelain", "qlora_jax") else "")
+    commit = args.commit or local
     query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
     gpus = ["CPU dry run"] if args.cpu else subprocess.run(query, capture_output=True, text=True).stdout
     gpus = gpus if args.cpu else gpus.strip().splitlines()
