@@ -35,13 +35,19 @@ NF4_CODE = np.array(
 
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, divided by its absmax (12) in
 # float32 as bitsandbytes does. Its "negative zero" (code 8) is +0.0: bitsandbytes writes the
-# integer -0.
+# integer -0 (its CUDA kernel decodes it as -0.0 all the same, see FP4_DECODE).
 FP4_CODE = np.array(
     [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
     dtype=_F32,
 ) / _F32(12.0)
 
 CODES_4BIT = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+# The values `dequantize` multiplies by: bitsandbytes' CUDA kernel decodes FP4 from its sign bit, so
+# code 8 gives -0.0 where the table holds +0.0. quant_map and rounding keep the tables above.
+FP4_DECODE = FP4_CODE.copy()
+FP4_DECODE[8] = -0.0
+DECODE_4BIT = {"nf4": NF4_CODE, "fp4": FP4_DECODE}
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:

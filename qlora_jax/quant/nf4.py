@@ -9,8 +9,10 @@ dynamic map in blocks of 256. Everything here is pure `jax.numpy`, usable under 
 and `lax.scan`; `NF4Tensor` is a pytree whose leaves may carry leading stacked-layer axes.
 
 Where bitsandbytes' own kernels disagree (its CUDA kernel on all-zero blocks and FP4 zeros, its
-CPU build's approximate 8-bit search), we follow its reference PyTorch kernel; XLA flushes
-subnormal inputs to zero. experiments/README.md measures the differences.
+CPU build's approximate 8-bit search), we quantize as its reference PyTorch kernel does; XLA
+flushes subnormal inputs to zero. Dequantizing follows its CUDA kernel, which decodes FP4 code 8
+as -0.0 (its CPU kernels disagree on that sign, see tests/quant/bnb_reference.py).
+experiments/README.md measures the differences.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.quant.codebooks import CODES_4BIT, DYNAMIC_CODE, NF4_CODE, rounding_bounds
+from qlora_jax.quant.codebooks import CODES_4BIT, DECODE_4BIT, DYNAMIC_CODE, NF4_CODE, rounding_bounds
 
 __all__ = ["NF4_CODE", "NF4Tensor", "dequantize", "quantize", "BLOCK_SIZES"]
 
@@ -321,7 +323,7 @@ def dequantize(q: NF4Tensor, dtype: Any = None) -> jax.Array:
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     absmax = block_absmax(q)
     codes = jnp.stack([q.packed >> 4, q.packed & 0xF], axis=-1)
-    values = jnp.asarray(CODES_4BIT[q.quant_type])[codes.astype(jnp.int32)]
+    values = jnp.asarray(DECODE_4BIT[q.quant_type])[codes.astype(jnp.int32)]  # FP4 code 8: -0.0
     values_NxB = values.reshape(*q.stack_shape, -1, q.block_size)
     out = values_NxB * absmax[..., None]
     return out.astype(dtype).reshape(*q.stack_shape, *q.shape)

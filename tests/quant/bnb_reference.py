@@ -31,18 +31,31 @@ def bnb_dequantize(packed: torch.Tensor, state) -> np.ndarray:
     block spans rows, bitsandbytes 0.50's native CPU kernel indexes the scales per row and returns
     wrong values (rows after the first block disagree with its own reference kernel), so there
     we take its reference PyTorch kernel instead.
+
+    FP4 code 8 (sign bit set, magnitude 0) is -0.0 x absmax in bitsandbytes' CUDA kernel and its
+    native CPU kernel's scalar loop, but +0.0 in the CPU kernel's AVX512 and NEON tables and in the
+    reference kernel. We follow CUDA: those values must be zeros and take its sign; every other
+    value is the kernel's own, bit for bit.
     """
     shape = tuple(state.shape)
-    if shape[-1] % state.blocksize == 0:
-        return bnbF.dequantize_4bit(packed, state).float().numpy().reshape(shape)
     absmax = state.absmax
     if state.nested:
         absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    op = torch.ops.bitsandbytes.dequantize_4bit.default
-    out = op.redispatch(
-        _REFERENCE_KERNEL, packed, absmax, state.blocksize, state.quant_type, shape, state.dtype
-    )
-    return out.float().numpy().reshape(shape)
+    if shape[-1] % state.blocksize == 0:
+        out = bnbF.dequantize_4bit(packed, state)
+    else:
+        op = torch.ops.bitsandbytes.dequantize_4bit.default
+        out = op.redispatch(
+            _REFERENCE_KERNEL, packed, absmax, state.blocksize, state.quant_type, shape, state.dtype
+        )
+    out = out.float().numpy().reshape(-1)
+    if state.quant_type == "fp4":
+        nibbles = packed.numpy().reshape(-1)
+        zero = (np.stack([nibbles >> 4, nibbles & 0xF], axis=-1).reshape(-1) == 8)[: out.size]
+        assert np.all(out[zero] == 0), "bitsandbytes decoded FP4 code 8 to a nonzero value"
+        scale = np.repeat(absmax.float().numpy(), state.blocksize)[: out.size]
+        out = np.where(zero, np.float32(-0.0) * scale, out)
+    return out.reshape(shape)
 
 
 def bits(a) -> np.ndarray:
