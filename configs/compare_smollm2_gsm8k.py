@@ -17,11 +17,9 @@ def get_config():
     c.model.dtype = "float32"  # "bfloat16" for the bf16 run
     c.model.remat_policy = "none"  # 135M params at 2 x 256 tokens: activations are small
     c.lora.dropout = 0.0  # dropout masks cannot match across frameworks
-    c.data.train_path = "../shared/data/gsm8k/train.jsonl"  # relative to the repository root
-    c.data.eval_path = "../shared/data/gsm8k/test.jsonl"
     c.data.max_seq_len = 256  # most GSM8K chat examples fit (~1 per packed row)
     c.train.batch_size = 2  # ~5 s per step for both frameworks together on one free CPU core
-    c.train.max_steps = 80  # what the shared 2-core machine finished in the study's session
+    c.train.max_steps = 80  # what a busy 2-core machine finished in the study's session
     c.train.eval_batches = 4  # 8 packed rows of the test split
     c.train.max_new_tokens = 96
     c.optim.warmup_steps = 8

@@ -1,4 +1,8 @@
-"""SmolLM2-135M-Instruct (NF4) on GSM8K: pass data.train_path, e.g. ../shared/data/gsm8k/train.jsonl."""
+"""SmolLM2-135M-Instruct (NF4) on GSM8K, the HF dataset openai/gsm8k (config main) through `datasets`.
+
+Offline, from local files: --config.data.train_path=gsm8k/train.jsonl
+--config.data.eval_path=gsm8k/test.jsonl
+"""
 
 import os
 import sys
@@ -10,8 +14,8 @@ from base import base_config  # noqa: E402
 def get_config():
     c = base_config()
     c.model.path = ""  # the embedded SmolLM2-135M-Instruct
-    c.data.train_path = ""  # required: GSM8K train.jsonl (question / answer rows)
-    c.data.eval_path = ""  # e.g. gsm8k/test.jsonl; "" holds out 5% of train
+    c.data.train_path = "openai/gsm8k:main:train"  # HF dataset NAME:CONFIG:SPLIT, or a local .jsonl
+    c.data.eval_path = "openai/gsm8k:main:test"  # question / answer rows
     c.data.format = "chat"  # the Instruct model's chat template, loss on the answer only
     c.data.prompt_key = "question"
     c.data.completion_key = "answer"

@@ -40,7 +40,7 @@ def main() -> None:
                 save = ocp.args.StandardSave
                 ckpts.manager.save(i, args=ocp.args.Composite(lora=save(lora), opt_state=save(state)))
             else:
-                ckpts.save(i, lora, state, {"step": i})
+                ckpts.save(i, {"lora": lora, "opt_state": state}, {"step": i})
         ckpts.wait()
         print(f"{how}: ok, value {float(state['m'][0, 0])}")
     except Exception as err:  # noqa: BLE001 - the probe reports whatever the runtime raises

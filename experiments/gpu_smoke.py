@@ -11,7 +11,8 @@ evaluation and exact match with generation; runs the same recipe again, sends SI
 resumes with resume=auto to the end, comparing every loss with the uninterrupted run; exports the
 adapter as PEFT, Orbax and merged; generates with --adapter. Once, two fresh processes (the
 second with autotuning off, which changed the NF4 bytes before the fix) load the base and must
-give the same fingerprint. Independent runs of one layout go in parallel to fit one call.
+give the same fingerprint. Independent runs of one layout go in parallel, and with --parallel the
+layouts too, to fit one call (each process allocates GPU memory on demand).
 Writes JSON: commit, GPU, and per check pass/fail with its figure.
 """
 
@@ -289,6 +290,9 @@ def main() -> None:
     parser.add_argument("--layouts", default=";".join(LAYOUTS), help="subset of the layouts, ;-separated")
     parser.add_argument("--cpu", action="store_true", help="dry run of the script itself on 2 CPU devices")
     parser.add_argument(
+        "--parallel", action="store_true", help="run the layouts at once (small models share the GPUs)"
+    )
+    parser.add_argument(
         "--commit", default="", help="commit under test (the device's .git need not be this checkout's)"
     )
     args = parser.parse_args()
@@ -326,9 +330,11 @@ def main() -> None:
             json.dump(report, f, indent=2)
         return report
 
-    for layout in args.layouts.split(";"):
-        checks += layout_checks(layout, base, work)
-        report = write_report()
+    layouts = args.layouts.split(";")
+    with ThreadPoolExecutor(len(layouts) if args.parallel else 1) as pool:
+        for results in pool.map(lambda layout: layout_checks(layout, base, work), layouts):
+            checks += results
+            report = write_report()
     print(f"{sum(c['pass'] for c in checks)}/{len(checks)} checks pass in {report['seconds']} s; {args.out}")
     sys.exit(0 if report["all_pass"] else 1)
 

@@ -16,60 +16,38 @@ from typing import Any
 import jax
 import ml_collections
 
+from qlora_jax import lora as lora_lib
 from qlora_jax.io import checkpoint, peft
-from qlora_jax.lora import LoraConfig
-from qlora_jax.models.config import LlamaConfig
+from qlora_jax.train import build, config
+from qlora_jax.train.config import RunConfig
+from qlora_jax.train.optim import make_optimizer
+from qlora_jax.train.state import abstract_state
 
 FORMATS = ("peft", "orbax", "merged")
 
 
-def export_adapter(
-    directory: str, lora: Any, lora_cfg: LoraConfig, model_cfg: LlamaConfig, base_path: str, fingerprint: str
-) -> None:
-    """<directory>: PEFT files (adapter_model.safetensors, adapter_config.json) and orbax/.
-
-    `lora` on the host (numpy); multi-process runs call it on every process, the first writes the
-    PEFT files and Orbax coordinates its own checkpoint."""
-    if jax.process_index() == 0:
-        peft.save_adapter(directory, lora, lora_cfg, model_cfg, base_path)
-    checkpoint.save_adapter_orbax(
-        os.path.join(directory, "orbax"),
-        lora,
-        peft.peft_config_dict(lora_cfg, base_path),
-        base_path,
-        fingerprint,
-    )
-
-
-def load_run(run_dir: str) -> tuple[Any, Any, Any, Any, Any, LoraConfig, str]:
-    """(config, model, frozen, tokenizer, lora, lora_cfg, fingerprint) of a finished or running run."""
-    from qlora_jax import lora as lora_lib
-    from qlora_jax.train import settings
-    from qlora_jax.train.loop import load_model
-
+def load_run(run_dir: str) -> tuple[RunConfig, Any, Any, Any, Any, str]:
+    """(run config, model, frozen, tokenizer, lora, fingerprint) of a finished or running run."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     with open(path) as f:
-        c = ml_collections.ConfigDict(json.load(f))
-    model, frozen, tokenizer = load_model(c)
-    lora_cfg = settings.lora_config(c)
+        run = config.parse(ml_collections.ConfigDict(json.load(f)))
+    model, frozen, tokenizer = build.load_model(run)
     fingerprint = checkpoint.base_fingerprint(model.config, frozen)
-    lora_like = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
+    lora_like = lora_lib.init_lora(jax.random.key(0), frozen, model.config, run.lora)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = checkpoint.TrainCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
     if steps is not None and steps.latest_step() is not None:
-        from qlora_jax.train.optim import make_optimizer
-
-        opt_like = jax.eval_shape(make_optimizer(settings.optim_config(c)).init, lora_like)
-        checkpoint.check_same_base(steps.record(steps.latest_step()), fingerprint, c.model.path)
-        lora, _, record = steps.restore(steps.latest_step(), lora_like, opt_like)
+        opt_like = jax.eval_shape(make_optimizer(run.optim).init, lora_like)
+        state, record = steps.restore(steps.latest_step(), abstract_state(lora_like, opt_like))
+        lora = state.lora
         print(f"adapter from checkpoint step {steps.latest_step()}")
     else:
         lora, record = checkpoint.load_adapter_orbax(os.path.join(run_dir, "adapter", "orbax"), lora_like)
         print(f"adapter from {run_dir}/adapter/orbax")
-    checkpoint.check_same_base(record, fingerprint, c.model.path)
-    return c, model, frozen, tokenizer, lora, lora_cfg, fingerprint
+    checkpoint.check_same_base(record, fingerprint, run.model.path)
+    return run, model, frozen, tokenizer, lora, fingerprint
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -90,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        c, model, frozen, tokenizer, lora, lora_cfg, fingerprint = load_run(args.run)
+        run, model, frozen, tokenizer, lora, fingerprint = load_run(args.run)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    base = c.model.path
+    base, lora_cfg = run.model.path, run.lora
     if args.format == "peft":
         peft.save_adapter(args.out, lora, lora_cfg, model.config, base)
     elif args.format == "orbax":

@@ -155,6 +155,11 @@ def tree_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]], stack_
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device (counters, keys)."""
+    return NamedSharding(mesh, P())
+
+
 def frozen_shardings(mesh: Mesh, frozen: Any) -> Any:
     return tree_shardings(mesh, frozen, FROZEN_RULES, stack_dims=1)
 

@@ -1,14 +1,24 @@
-"""Shared test setup: JAX on CPU with 8 host devices (the sharding tests' meshes), deterministic.
+"""Shared test setup: JAX on CPU with 8 host devices (the sharding tests' meshes), deterministic,
+one compilation cache per session.
 
 Arrays and computations still default to the first device; CLI subprocesses get one device.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the session, shared with the CLI subprocesses (cli_env inherits
+# it): the many tiny runs compile the same programs, and each compiles once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlora_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}".strip()
 

@@ -27,8 +27,8 @@ from qlora_jax.io.checkpoint import CheckpointWriteError, TrainCheckpoints
 from qlora_jax.io.hf import load_tokenizer
 from qlora_jax.io.safetensors_stream import SafetensorsFile, write
 from qlora_jax.models.frozen import Quantization
-from qlora_jax.train import settings
-from qlora_jax.train.loop import prepare_run_dir
+from qlora_jax.train import config
+from qlora_jax.train.run_dir import prepare_run_dir
 from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -118,13 +118,13 @@ def test_validate_names_key_value_and_what_is_valid(key, value, message):
     c = base_config()
     group, _, name = key.rpartition(".")
     (c[group] if group else c)[name] = value
-    with pytest.raises(settings.ConfigError) as err:
-        settings.validate(c)
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(c)
     assert str(err.value).startswith(message)
 
 
 def test_base_config_is_valid():
-    settings.validate(base_config())
+    config.parse(base_config())
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -284,8 +284,8 @@ def _rows(run_dir) -> dict[int, dict]:
 
 def _saved_lora(run_dir, step: int) -> list[np.ndarray]:
     ckpts = TrainCheckpoints(str(run_dir / "checkpoints"))
-    restored = ckpts.manager.restore(step, args=ocp.args.Composite(lora=ocp.args.StandardRestore()))
-    return [np.asarray(x) for x in jax.tree.leaves(restored["lora"])]
+    restored = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["state"]["lora"])]
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_model, tmp_path):
@@ -348,10 +348,10 @@ def _no_space(monkeypatch) -> None:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpts = TrainCheckpoints(str(tmp_path), keep=3)
     lora, state = {"a": jnp.arange(4.0)}, {"m": jnp.ones(3)}
-    ckpts.save(1, lora, state, {"step": 1})
+    ckpts.save(1, {"lora": lora, "opt_state": state}, {"step": 1})
     ckpts.wait()
     _no_space(monkeypatch)
-    ckpts.save(2, {"a": lora["a"] * 2}, state, {"step": 2})
+    ckpts.save(2, {"lora": {"a": lora["a"] * 2}, "opt_state": state}, {"step": 2})
     with pytest.raises(
         CheckpointWriteError,
         match=r"checkpoint step 2 could not be written to .*No space left on device.*the latest complete "
@@ -363,9 +363,11 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     resumed = TrainCheckpoints(str(tmp_path), keep=3)  # what resume=auto opens
     assert resumed.latest_step() == 1
-    restored, _, record = resumed.restore(1, lora, state)
+    restored_state, record = resumed.restore(1, {"lora": lora, "opt_state": state})
+    restored = restored_state["lora"]
     assert record == {"step": 1} and restored["a"].tolist() == [0.0, 1.0, 2.0, 3.0]
-    resumed.save(2, lora, state, {"step": 2})  # the leftover temporary directory is replaced
+    # the leftover temporary directory is replaced
+    resumed.save(2, {"lora": lora, "opt_state": state}, {"step": 2})
     resumed.wait()
     assert resumed.latest_step() == 2
 
@@ -409,17 +411,14 @@ def test_second_run_into_the_same_output_dir_refuses(tmp_path):
 
 
 def test_overwrite_replaces_the_earlier_run_files_only(tmp_path):
-    c = base_config()
-    c.output_dir = str(tmp_path)
+    out = str(tmp_path)
     (tmp_path / "checkpoints" / "5").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(settings.ConfigError, match="already holds a run"):
-        prepare_run_dir(c)
-    c.overwrite = True
-    prepare_run_dir(c)
+    with pytest.raises(config.ConfigError, match="already holds a run"):
+        prepare_run_dir(out, resume=False, overwrite=False)
+    prepare_run_dir(out, resume=False, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
-    c.overwrite, c.resume = False, "auto"
     (tmp_path / "metrics.jsonl").write_text("{}\n")
-    prepare_run_dir(c)  # resuming is not overwriting
+    prepare_run_dir(out, resume=True, overwrite=False)  # resuming is not overwriting
     assert (tmp_path / "metrics.jsonl").exists()

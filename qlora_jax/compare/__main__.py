@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qlora_jax.train import cli
+from qlora_jax.train import cli, config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file defining get_config().", lock_config=True
@@ -20,7 +20,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        compare(_CONFIG.value)
+        compare(config.parse(_CONFIG.value))
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(cli.BAD_INPUT)

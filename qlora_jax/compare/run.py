@@ -26,50 +26,51 @@ from qlora_jax.io import hf
 from qlora_jax.io.gguf import embedded_model_path
 from qlora_jax.models.frozen import Quantization
 from qlora_jax.models.presets import PRESETS
-from qlora_jax.train import evaluate, settings
+from qlora_jax.train import build, evaluate
 from qlora_jax.train import step as step_lib
-from qlora_jax.train.loop import load_data, load_model
+from qlora_jax.train.config import RunConfig
 from qlora_jax.train.optim import learning_rate, make_optimizer
 
 
-def load_both(c: Any) -> tuple[Any, Any, Any, Any]:
+def load_both(run: RunConfig) -> tuple[Any, Any, Any, Any]:
     """(our model, our frozen tree, tokenizer, transformers model) with the same base weights."""
-    path = c.model.path or embedded_model_path()
+    path = run.model.path or embedded_model_path()
     if path in PRESETS:
         raise ValueError(
             f"model.path={path!r} is a preset; the comparison needs a HF directory or .gguf file"
         )
-    model, frozen, tokenizer = load_model(c)
+    model, frozen, tokenizer = build.load_model(run)
     model_cfg, dense = hf.load(path, Quantization(None), "float32")
-    hf_model = torch_reference.hf_model_from_frozen(model_cfg, dense).to(getattr(torch, c.model.dtype))
-    quant = settings.quantization(c)
+    torch_dtype = getattr(torch, run.model.dtype)
+    hf_model = torch_reference.hf_model_from_frozen(model_cfg, dense).to(torch_dtype)
+    quant = run.model.quantization
     if quant.quant_type is not None:
         torch_reference.quantize_with_bnb(
-            hf_model, getattr(torch, c.model.dtype), quant.quant_type, quant.block_size, quant.double_quant
+            hf_model, torch_dtype, quant.quant_type, quant.block_size, quant.double_quant
         )
         frozen = jax.device_put(torch_reference.frozen_from_bnb(frozen, hf_model))
     return model, frozen, tokenizer, hf_model
 
 
-def compare(c: Any) -> dict[str, Any]:
+def compare(run: RunConfig) -> dict[str, Any]:
     """Train both sides for train.max_steps; write losses, plot, summary and generations to output_dir."""
-    run_dir = c.output_dir
+    run_dir = run.output_dir
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        f.write(c.to_json_best_effort(indent=2))
-    torch.manual_seed(c.train.seed)
-    lora_cfg, optim_cfg = settings.lora_config(c), settings.optim_config(c)
-    model, frozen, tokenizer, hf_model = load_both(c)
+        f.write(run.recipe_json)
+    torch.manual_seed(run.train.seed)
+    lora_cfg, optim_cfg = run.lora, run.optim
+    model, frozen, tokenizer, hf_model = load_both(run)
     peft_model = peft.get_peft_model(hf_model, torch_reference.peft_config(lora_cfg))
-    fresh = lora_lib.init_lora(jax.random.key(c.train.seed), frozen, model.config, lora_cfg)
+    fresh = lora_lib.init_lora(jax.random.key(run.train.seed), frozen, model.config, lora_cfg)
     lora = jax.device_put(torch_reference.copy_adapters_into(fresh, peft_model))
     optimizer = make_optimizer(optim_cfg)
     opt_state = optimizer.init(lora)
-    train_step = step_lib.make_train_step(model, lora_cfg, optim_cfg, optimizer, None, c.train.loss_chunk)
-    eval_fn = evaluate.make_eval_loss(model, lora_cfg, c.train.loss_chunk)
+    train_step = step_lib.make_train_step(model, lora_cfg, optim_cfg, optimizer, None, run.train.loss_chunk)
+    eval_fn = evaluate.make_eval_loss(model, lora_cfg, run.train.loss_chunk)
     trainer = TorchTrainer(peft_model, optim_cfg)
     schedule = learning_rate(optim_cfg)
-    batches, eval_rows, eval_set = load_data(c, tokenizer)
+    batches, eval_rows, eval_set = build.load_data(run.data, run.train.eval_batches, tokenizer)
 
     def eval_both() -> dict[str, float]:
         return {
@@ -79,9 +80,9 @@ def compare(c: Any) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"eval_loss_before": eval_both()}
     rows = []
-    rng = jax.random.key(c.train.seed)
+    rng = jax.random.key(run.train.seed)
     with open(os.path.join(run_dir, "losses.jsonl"), "w") as f:
-        for step in tqdm(range(1, c.train.max_steps + 1), desc="compare", unit="step"):
+        for step in tqdm(range(1, run.train.max_steps + 1), desc="compare", unit="step"):
             batch = next(batches)
             rng, step_rng = jax.random.split(rng)
             start = time.perf_counter()
@@ -104,14 +105,14 @@ def compare(c: Any) -> dict[str, Any]:
             f.write(json.dumps(row) + "\n")
             f.flush()
     summary["eval_loss_after"] = eval_both()
-    summary["loss_delta"] = report.delta_stats(rows, c.compare.first_steps)
+    summary["loss_delta"] = report.delta_stats(rows, run.compare.first_steps)
     timed = rows[1:] or rows  # step 1 includes JAX compilation
     summary["seconds_per_step"] = {
         side: sum(r[f"seconds_{side}"] for r in timed) / len(timed) for side in ("jax", "torch")
     }
-    summary["exact_match"] = generate_both(c, model, frozen, lora, tokenizer, trainer, eval_rows, run_dir)
-    base = "dense" if settings.quantization(c).quant_type is None else c.model.quantization
-    title = f"{base} base, {c.model.dtype} compute, dropout {c.lora.dropout}"
+    summary["exact_match"] = generate_both(run, model, frozen, lora, tokenizer, trainer, eval_rows, run_dir)
+    base = "dense" if quant_type(run) is None else quant_type(run)
+    title = f"{base} base, {run.model.dtype} compute, dropout {run.lora.dropout}"
     report.plot_losses(os.path.join(run_dir, "loss_curves.png"), rows, title)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -122,17 +123,20 @@ def compare(c: Any) -> dict[str, Any]:
     return summary
 
 
-def generate_both(c, model, frozen, lora, tokenizer, trainer, eval_rows, run_dir) -> dict[str, Any]:
+def quant_type(run: RunConfig) -> str | None:
+    return run.model.quantization.quant_type
+
+
+def generate_both(run, model, frozen, lora, tokenizer, trainer, eval_rows, run_dir) -> dict[str, Any]:
     """Greedy answers of both sides to compare.prompts held-out prompts; exact-match of each."""
-    n = min(c.compare.prompts, len(eval_rows))
-    fmt = settings.format_config(c)
+    n = min(run.compare.prompts, len(eval_rows))
+    fmt = run.data.format
+    mode, max_new_tokens = run.train.exact_match, run.train.max_new_tokens
     pairs_in = [prompt_and_reference(r, tokenizer, fmt, i) for i, r in enumerate(eval_rows[:n])]
     prompts, refs = [p for p, _ in pairs_in], [r for _, r in pairs_in]
-    acc_jax, pairs = evaluate.exact_match(
-        model, frozen, lora, tokenizer, prompts, refs, c.train.exact_match, c.train.max_new_tokens
-    )
+    acc_jax, pairs = evaluate.exact_match(model, frozen, lora, tokenizer, prompts, refs, mode, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    theirs = trainer.generate(prompts, c.train.max_new_tokens, pad_id)
+    theirs = trainer.generate(prompts, max_new_tokens, pad_id)
     records = [
         {
             "prompt": tokenizer.decode(p),
@@ -143,5 +147,5 @@ def generate_both(c, model, frozen, lora, tokenizer, trainer, eval_rows, run_dir
         for p, ref, (generated, _), t in zip(prompts, refs, pairs, theirs, strict=True)
     ]
     report.write_generations(run_dir, records)
-    correct = [evaluate.answers_match(r["torch"], r["reference"], c.train.exact_match) for r in records]
+    correct = [evaluate.answers_match(r["torch"], r["reference"], mode) for r in records]
     return {"prompts": n, "jax": acc_jax, "torch": sum(correct) / max(n, 1)}

@@ -109,6 +109,13 @@ class BatchIterator:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
+    def peek(self) -> dict[str, np.ndarray]:
+        """The batch `next` will return, without moving (the run compiles its step for it)."""
+        epoch, index, batches = self.epoch, self.index, self._epoch_batches
+        batch = next(self)
+        self.epoch, self.index, self._epoch_batches = epoch, index, batches
+        return batch
+
     def __next__(self) -> dict[str, np.ndarray]:
         if self._epoch_batches is None:
             self._epoch_batches = self._build_epoch()

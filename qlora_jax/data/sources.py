@@ -47,7 +47,8 @@ def load_rows(spec: str, split: str = "train", seed: int = 0) -> list[dict[str, 
     """All rows of a data source as dicts.
 
     spec: a local file (by extension), a local dataset directory, "builtin:addition[:N]" (the
-    demo task, generated), or a HF dataset name (needs the hub or its local cache).
+    demo task, generated), or a HF dataset "NAME[:CONFIG[:SPLIT]]" (needs the hub or its local
+    cache), e.g. "openai/gsm8k:main:train".
     """
     if not spec:
         raise ValueError(
@@ -68,10 +69,19 @@ def load_rows(spec: str, split: str = "train", seed: int = 0) -> list[dict[str, 
         dataset = datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=spec, split="train")
     elif os.path.isdir(spec):
         dataset = datasets.load_dataset(spec, split=split)
-    elif os.path.sep in spec or spec.startswith("."):
+    elif spec.startswith((".", os.path.sep)):
         raise FileNotFoundError(
             f"data source {spec!r} is neither an existing file ({sorted(LOCAL_BUILDERS)}) nor a directory"
         )
     else:
-        dataset = datasets.load_dataset(spec, split=split)
+        name, config, hub_split = hub_dataset(spec, split)
+        dataset = datasets.load_dataset(name, config, split=hub_split)
     return [dict(row) for row in dataset]
+
+
+def hub_dataset(spec: str, split: str) -> tuple[str, str | None, str]:
+    """(name, config, split) of "NAME[:CONFIG[:SPLIT]]", e.g. "openai/gsm8k:main:test"; without
+    a SPLIT the run's role names it ("train", or "eval" for data.eval_path)."""
+    name, _, rest = spec.partition(":")
+    config, _, hub_split = rest.partition(":")
+    return name, config or None, hub_split or split

@@ -1,4 +1,4 @@
-"""Train-state checkpoints with Orbax: LoRA tree, optimizer state, and a JSON record of the rest.
+"""Train-state checkpoints with Orbax: the train state (one pytree) and a JSON record of the rest.
 
 Saved every `checkpoint.every` steps under <output_dir>/checkpoints/<step>/, the last `keep`
 kept. Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
@@ -63,7 +63,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 class TrainCheckpoints:
-    """Save/restore (lora, opt_state, record) by step; async saves; keeps the last `keep`."""
+    """Save/restore (state, record) by step, `state` any pytree of arrays (the run's TrainState);
+    async saves; keeps the last `keep`."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
@@ -76,32 +77,29 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, lora: Any, opt_state: Any, record: dict[str, Any]) -> None:
+    def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
         """Start saving (returns once the arrays are copied off the device; the write is async).
-        The caller may donate `lora` and `opt_state` to the next step right away.
+        The caller may donate `state` to the next step right away.
 
         A failure of this write or of the previous async one raises CheckpointWriteError.
         """
         args = ocp.args.Composite(
-            lora=ocp.args.StandardSave(_detached_from_donation(lora)),
-            opt_state=ocp.args.StandardSave(_detached_from_donation(opt_state)),
+            state=ocp.args.StandardSave(_detached_from_donation(state)),
             record=ocp.args.JsonSave(record),
         )
         self._guarded(self.manager.wait_until_finished)
         self._in_flight = step
         self._guarded(lambda: self.manager.save(step, args=args))
 
-    def restore(self, step: int, lora_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict[str, Any]]:
-        """(lora, opt_state, record) of `step`, shaped and placed like the *_like trees."""
+    def restore(self, step: int, state_like: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, record) of `step`, shaped and placed like `state_like`."""
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                lora=ocp.args.StandardRestore(_abstract(lora_like)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-                record=ocp.args.JsonRestore(),
+                state=ocp.args.StandardRestore(_abstract(state_like)), record=ocp.args.JsonRestore()
             ),
         )
-        return out["lora"], out["opt_state"], out["record"]
+        return out["state"], out["record"]
 
     def record(self, step: int) -> dict[str, Any]:
         """Only the JSON record of `step` (cheap: checks before any array is read)."""

@@ -1,281 +1,25 @@
-"""Flax LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
+"""The public entry to the LLaMA-family decoder: the model, random init of named shapes, and
+from_pretrained for HF directories and GGUF files.
 
-Weights are not Flax params: the module reads them from two variable collections passed at
-apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
-mirrors HF names: frozen["layers"]["self_attn"]["q_proj"]["weight"] holds all layers stacked on
-axis 0; the model runs them with `nn.scan` (optionally unrolled) under a named remat policy.
+from_pretrained reads files, so this module stands with io/ in the layers (ARCHITECTURE.md); the
+library's own modules import models.decoder, never this one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.models import attention
+from qlora_jax.io import hf
+from qlora_jax.models import frozen as frozen_lib
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.decoder import Llama, attention_implementation
 from qlora_jax.models.frozen import Quantization
-from qlora_jax.models.linear import Linear, dense_weight
-from qlora_jax.models.rope import apply_rope, cos_sin
+from qlora_jax.models.presets import preset as named_preset
 
-REMAT_POLICY_FNS = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class KVCache(NamedTuple):
-    """Keys/values of every layer for decoding; slots [0, index) are written."""
-
-    k: jax.Array  # (L, B, S, num_kv_heads, head_dim)
-    v: jax.Array  # (L, B, S, num_kv_heads, head_dim)
-    valid: jax.Array  # (B, S) bool: slot holds a real (non-padding) token
-    index: jax.Array  # () int32: next slot to write
-    next_position: jax.Array  # (B,) int32: RoPE position of the next real token
-
-
-class LayerContext(NamedTuple):
-    """What every layer shares: RoPE tables, the attention mask (None: causal) and cache slot."""
-
-    cos: jax.Array
-    sin: jax.Array
-    mask: jax.Array | None
-    write_index: jax.Array | None
-
-
-def _window(cfg: LlamaConfig, mask: jax.Array | None) -> tuple[int, int] | None:
-    """Sliding window for the mask-free causal path (explicit masks already carry the window)."""
-    if mask is not None or cfg.sliding_window is None:
-        return None
-    return (cfg.sliding_window - 1, 0)
-
-
-def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array | None) -> str:
-    """cuDNN flash attention on GPU for bf16/fp16 causal attention without an explicit mask;
-    XLA otherwise (CPU, float32, padding/segment/cache masks). cfg.attention_impl overrides."""
-    if cfg.attention_impl is not None:
-        return cfg.attention_impl
-    flash_ok = (
-        jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
-    )
-    return "cudnn" if jax.default_backend() == "gpu" and flash_ok and mask is None else "xla"
-
-
-class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalize in float32, cast back, scale by the (frozen) weight."""
-
-    eps: float
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.get_variable("frozen", "weight")
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(self.dtype) * weight.astype(self.dtype)
-
-
-class Attention(nn.Module):
-    cfg: LlamaConfig
-    lora_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        batch, length, _ = x.shape
-        q = Linear(dtype, self.lora_dropout, name="q_proj")(x).reshape(
-            batch, length, cfg.num_heads, cfg.head_dim
-        )
-        k = Linear(dtype, self.lora_dropout, name="k_proj")(x).reshape(
-            batch, length, cfg.num_kv_heads, cfg.head_dim
-        )
-        v = Linear(dtype, self.lora_dropout, name="v_proj")(x).reshape(
-            batch, length, cfg.num_kv_heads, cfg.head_dim
-        )
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if layer_cache is not None:
-            start = (0, ctx.write_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), start)
-            layer_cache = (k, v)
-        out = jax.nn.dot_product_attention(
-            q,
-            k.astype(dtype),
-            v.astype(dtype),
-            mask=ctx.mask,
-            is_causal=ctx.mask is None,
-            local_window_size=_window(cfg, ctx.mask),
-            implementation=attention_implementation(cfg, q.dtype, ctx.mask),
-        )
-        out = Linear(dtype, self.lora_dropout, name="o_proj")(
-            out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
-        )
-        return out, layer_cache
-
-
-class MLP(nn.Module):
-    cfg: LlamaConfig
-    lora_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = jnp.dtype(self.cfg.dtype)
-        gate = Linear(dtype, self.lora_dropout, name="gate_proj")(x)
-        up = Linear(dtype, self.lora_dropout, name="up_proj")(x)
-        return Linear(dtype, self.lora_dropout, name="down_proj")(nn.silu(gate) * up)
-
-
-class DecoderLayer(nn.Module):
-    cfg: LlamaConfig
-    lora_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), layer_cache, ctx
-        )
-        x = x + h
-        x = x + MLP(cfg, self.lora_dropout, name="mlp")(
-            RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
-        )
-        return x, layer_cache
-
-
-class Decoder(nn.Module):
-    """Token ids -> final hidden states (B, T, D) in the compute dtype; layers scanned."""
-
-    cfg: LlamaConfig
-    lora_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index):
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        embed_VxD = self.get_variable("frozen", "embed_tokens")["weight"]
-        x = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(dtype)
-        cos, sin = cos_sin(cfg, positions_BxT, dtype)
-        ctx = LayerContext(cos, sin, ctx_mask, write_index)
-        layer = DecoderLayer
-        if cfg.remat_policy != "none":
-            layer = nn.remat(layer, policy=REMAT_POLICY_FNS[cfg.remat_policy], prevent_cse=False)
-        layers = nn.scan(
-            layer,
-            variable_axes={"frozen": 0, "lora": 0},
-            split_rngs={"dropout": True},
-            in_axes=(0, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
-        )(cfg, self.lora_dropout, name="layers")
-        x, cache_kv = layers(x, cache_kv, ctx)
-        return RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x), cache_kv
-
-
-@dataclasses.dataclass(frozen=True)
-class Llama:
-    """A LLaMA-style model: `apply(frozen, lora, tokens) -> logits` over explicit weight trees."""
-
-    config: LlamaConfig
-
-    def module(self, lora_dropout: float = 0.0) -> Decoder:
-        return Decoder(self.config, lora_dropout)
-
-    def apply(
-        self,
-        frozen: Any,
-        lora: Any,
-        tokens_BxT: jax.Array,
-        *,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
-        rng: jax.Array | None = None,
-        lora_dropout: float = 0.0,
-        return_hidden: bool = False,
-    ):
-        """Logits (B, T, vocab) in float32; with `cache`, returns (logits, updated cache).
-
-        attention_mask marks real tokens (1) vs padding (0); segment_ids separate packed
-        sequences (attention stays inside a segment, positions restart). `rng` turns on
-        adapter dropout at rate `lora_dropout` (peft's lora_dropout). return_hidden gives the
-        final normalized hidden states instead of logits (for a chunked loss).
-        """
-        tokens_BxT = jnp.asarray(tokens_BxT)
-        length = tokens_BxT.shape[1]
-        if cache is None:
-            window = self.config.sliding_window
-            mask = attention.self_attention_mask(attention_mask, segment_ids, length, window)
-            if positions is None:
-                positions = self._default_positions(tokens_BxT, attention_mask, segment_ids)
-            cache_kv = write_index = None
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-            new_valid = (
-                jnp.ones(tokens_BxT.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-            )
-            valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
-            mask = attention.cache_attention_mask(valid, cache.index, length, self.config.sliding_window)
-            if positions is None:
-                positions = attention.padded_positions(new_valid, cache.next_position)
-            cache_kv, write_index = (cache.k, cache.v), cache.index
-        variables = {"frozen": frozen} | ({"lora": lora} if lora else {})
-        hidden, cache_kv = self.module(lora_dropout).apply(
-            variables,
-            tokens_BxT,
-            positions,
-            mask,
-            cache_kv,
-            write_index,
-            rngs=None if rng is None else {"dropout": rng},
-        )
-        out = hidden if return_hidden else self.logits(frozen, hidden)
-        if cache is None:
-            return out
-        new_cache = KVCache(
-            k=cache_kv[0],
-            v=cache_kv[1],
-            valid=valid,
-            index=cache.index + length,
-            next_position=cache.next_position + new_valid.sum(axis=1, dtype=jnp.int32),
-        )
-        return out, new_cache
-
-    def logits(self, frozen: Any, hidden_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits from final hidden states (tied head uses the embedding)."""
-        w_VxD = dense_weight(self.head_weight(frozen), hidden_BxTxD.dtype)
-        return jnp.einsum("btd,vd->btv", hidden_BxTxD, w_VxD, preferred_element_type=jnp.float32)
-
-    def head_weight(self, frozen: Any):
-        """The (vocab, hidden) output projection: lm_head, or the embedding when tied."""
-        if self.config.tie_word_embeddings:
-            return frozen["embed_tokens"]["weight"]
-        return frozen["lm_head"]["weight"]
-
-    def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
-        cfg = self.config
-        shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-        dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-        return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            valid=jnp.zeros((batch, max_length), bool),
-            index=jnp.zeros((), jnp.int32),
-            next_position=jnp.zeros((batch,), jnp.int32),
-        )
-
-    @staticmethod
-    def _default_positions(tokens_BxT, attention_mask, segment_ids) -> jax.Array:
-        if segment_ids is not None:
-            return attention.segment_positions(segment_ids)
-        if attention_mask is not None:
-            return attention.padded_positions(attention_mask)
-        return jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+__all__ = ["Llama", "attention_implementation", "from_pretrained", "random_init"]
 
 
 def from_pretrained(
@@ -290,8 +34,6 @@ def from_pretrained(
     unquantized linears); linears are quantized as they are read. `runtime` overrides
     LlamaConfig's runtime fields (remat_policy, scan_layers, attention_impl).
     """
-    from qlora_jax.io import hf
-
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg, frozen = hf.load(path, quant, dtype, dtype=dtype, **runtime)
@@ -318,9 +60,6 @@ def random_init(
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
     """(model, frozen tree) of a named shape with random weights, built and quantized on device."""
-    from qlora_jax.models import frozen as frozen_lib
-    from qlora_jax.models.presets import preset as named_preset
-
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg = named_preset(preset) if isinstance(preset, str) else preset

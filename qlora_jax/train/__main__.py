@@ -11,8 +11,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qlora_jax.io.checkpoint import CheckpointWriteError
-from qlora_jax.train import cli
-from qlora_jax.train.loop import TrainingDiverged, train_and_evaluate
+from qlora_jax.train import cli, config
+from qlora_jax.train.hooks import TrainingDiverged
+from qlora_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file defining get_config().", lock_config=True
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        train_and_evaluate(_CONFIG.value)
+        train_and_evaluate(config.parse(_CONFIG.value))
     except (ValueError, FileNotFoundError, KeyError) as err:
         _fail(err, cli.BAD_INPUT)
     except (TrainingDiverged, CheckpointWriteError) as err:

@@ -9,9 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from qlora_jax.generate import generate
 from qlora_jax.lora import LoraConfig
-from qlora_jax.models.llama import Llama
+from qlora_jax.models.decoder import Llama
+from qlora_jax.models.generation import generate
 from qlora_jax.train.step import loss_sum
 
 

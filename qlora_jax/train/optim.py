@@ -39,10 +39,9 @@ class OptimConfig:
             raise ValueError(f"schedule {self.schedule!r} unknown; valid: {SCHEDULES}")
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
-        if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
+        if self.warmup_steps > self.total_steps:
             raise ValueError(
-                f"total_steps={self.total_steps} must exceed warmup_steps={self.warmup_steps} "
-                f"for the {self.schedule} schedule"
+                f"warmup_steps={self.warmup_steps} must not exceed total_steps={self.total_steps}"
             )
 
 

@@ -1,5 +1,6 @@
 """The jitted QLoRA train step: grads for the adapter tree only, optional micro-batch accumulation,
-optimizer state moved from pinned host memory to the device and back when offloaded.
+optimizer state moved from pinned host memory to the device and back when offloaded. The run's
+step (make_state_step) applies it to the whole TrainState; make_train_step exposes the bare update.
 
 A batch is a dict of (B, T) arrays: "inputs" (token ids), "targets" (next token ids), "loss_mask"
 (1 where the target counts), optional "segment_ids" and "positions" for packed rows. With
@@ -17,10 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.lora import LoraConfig
+from qlora_jax.models.decoder import Llama
 from qlora_jax.models.linear import dense_weight
-from qlora_jax.models.llama import Llama
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import OptimConfig
+from qlora_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 
@@ -84,30 +86,21 @@ def default_shardings(tree: Any) -> Any:
     return jax.tree.map(lambda _: device, tree)
 
 
-def make_train_step(
+def _update_fn(
     model: Llama,
     lora_cfg: LoraConfig,
     optim_cfg: OptimConfig,
     optimizer: optax.GradientTransformation,
-    opt_state_shardings: Any = None,
-    chunk_size: int = 1024,
-    lora_shardings: Any = None,
-    skip_nonfinite: bool = False,
+    opt_state_shardings: Any,
+    chunk_size: int,
+    skip_nonfinite: bool,
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
-    """jit(train_step)(lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics).
-
-    lora and opt_state are donated and come back with the shardings given (None: as XLA
-    propagates them). With offload_state, `opt_state_shardings` (the device shardings of the
-    state) decide where the state lives: it arrives in pinned host memory, moves to the device
-    for the update, and goes back, so between steps it costs no HBM. With skip_nonfinite, a
-    step whose loss or gradient norm is NaN or inf returns lora and opt_state unchanged
-    (selected on device: no host sync).
-    """
+    """The pure update (lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics)."""
     offload = optim_cfg.offload_state
     if offload and opt_state_shardings is None:
         raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
 
-    def train_step(lora, opt_state, frozen, batch, rng):
+    def update(lora, opt_state, frozen, batch, rng):
         loss, tokens, grads = mean_loss_and_grads(
             model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size
         )
@@ -128,9 +121,106 @@ def make_train_step(
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm}
         return new_lora, new_opt_state, metrics
 
-    state_out = _memory(opt_state_shardings, "pinned_host") if offload else opt_state_shardings
-    out_shardings = (lora_shardings, state_out, None)
-    return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return update
+
+
+def _state_out(optim_cfg: OptimConfig, opt_state_shardings: Any) -> Any:
+    return _memory(opt_state_shardings, "pinned_host") if optim_cfg.offload_state else opt_state_shardings
+
+
+def make_train_step(
+    model: Llama,
+    lora_cfg: LoraConfig,
+    optim_cfg: OptimConfig,
+    optimizer: optax.GradientTransformation,
+    opt_state_shardings: Any = None,
+    chunk_size: int = 1024,
+    lora_shardings: Any = None,
+    skip_nonfinite: bool = False,
+) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+    """jit(train_step)(lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics).
+
+    lora and opt_state are donated and come back with the shardings given (None: as XLA
+    propagates them). With offload_state, `opt_state_shardings` (the device shardings of the
+    state) decide where the state lives: it arrives in pinned host memory, moves to the device
+    for the update, and goes back, so between steps it costs no HBM. With skip_nonfinite, a
+    step whose loss or gradient norm is NaN or inf returns lora and opt_state unchanged
+    (selected on device: no host sync).
+    """
+    update = _update_fn(
+        model, lora_cfg, optim_cfg, optimizer, opt_state_shardings, chunk_size, skip_nonfinite
+    )
+    out_shardings = (lora_shardings, _state_out(optim_cfg, opt_state_shardings), None)
+    return jax.jit(update, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def state_shardings(
+    lora_shardings: Any, opt_state_shardings: Any, optim_cfg: OptimConfig, replicated: Any
+) -> TrainState:
+    """Where each part of the TrainState lives: adapters and optimizer state as given (the state
+    in pinned host memory when offloaded), the counters and key replicated."""
+    return TrainState(
+        step=replicated,
+        lora=lora_shardings,
+        opt_state=_state_out(optim_cfg, opt_state_shardings),
+        rng=replicated,
+        tokens_seen=replicated,
+        skipped_steps=replicated,
+        data_position=replicated,
+    )
+
+
+class StateStep:
+    """step(state, frozen, batch, data_position) -> (state, metrics): one jitted update of the
+    whole TrainState (donated), compiled ahead of time per batch shape so that the compiled
+    program's memory need is known before it first runs (`memory_analysis`)."""
+
+    def __init__(self, update: Callable[..., Any], shardings: TrainState, skip_nonfinite: bool):
+        def state_step(state: TrainState, frozen: Any, batch: Batch, data_position: jax.Array):
+            key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+            lora, opt_state, metrics = update(state.lora, state.opt_state, frozen, batch, step_key)
+            skipped = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
+            new_state = TrainState(
+                step=state.step + 1,
+                lora=lora,
+                opt_state=opt_state,
+                rng=jax.random.key_data(key),
+                tokens_seen=state.tokens_seen + jnp.sum(batch["loss_mask"], dtype=jnp.float32),
+                skipped_steps=state.skipped_steps + (skipped.astype(jnp.int32) if skip_nonfinite else 0),
+                data_position=data_position,
+            )
+            return new_state, metrics
+
+        self._jitted = jax.jit(state_step, donate_argnums=0, out_shardings=(shardings, None))
+        self._compiled: dict[Any, Any] = {}
+
+    def compile(self, state: TrainState, frozen: Any, batch: Batch, data_position: Any) -> Any:
+        """The executable for this batch's shapes (compiled once per shape, as jit would)."""
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if key not in self._compiled:
+            self._compiled[key] = self._jitted.lower(state, frozen, batch, data_position).compile()
+        return self._compiled[key]
+
+    def __call__(self, state: TrainState, frozen: Any, batch: Batch, data_position: Any):
+        return self.compile(state, frozen, batch, data_position)(state, frozen, batch, data_position)
+
+
+def make_state_step(
+    model: Llama,
+    lora_cfg: LoraConfig,
+    optim_cfg: OptimConfig,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    opt_state_shardings: Any,
+    chunk_size: int = 1024,
+    skip_nonfinite: bool = False,
+) -> StateStep:
+    """The run's step over the TrainState: the same update as make_train_step, plus the key
+    split, the step and token counters, skipped non-finite steps and the data position."""
+    update = _update_fn(
+        model, lora_cfg, optim_cfg, optimizer, opt_state_shardings, chunk_size, skip_nonfinite
+    )
+    return StateStep(update, shardings, skip_nonfinite)
 
 
 def init_opt_state(

@@ -1,6 +1,7 @@
 """Sources (local files through datasets, the built-in task), deterministic epochs and exact resume."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -31,11 +32,30 @@ def test_text_files_give_text_rows(tmp_path):
     assert sources.load_rows(str(tmp_path / "t.txt")) == [{"text": "first line"}, {"text": "second line"}]
 
 
-def test_gsm8k_file_from_the_shared_data_loads_in_chat_format(tokenizer):
-    rows = sources.load_rows("../shared/data/gsm8k/test.jsonl")
-    assert len(rows) == 1319 and set(rows[0]) == {"question", "answer"}
+GSM8K_SAMPLE = os.path.join(os.path.dirname(__file__), "fixtures", "gsm8k_test_head24.jsonl")
+
+
+def test_gsm8k_rows_load_in_chat_format(tokenizer):
+    rows = sources.load_rows(GSM8K_SAMPLE)
+    assert len(rows) == 24 and set(rows[0]) == {"question", "answer"}
     examples = pipeline.tokenize(rows[:5], tokenizer, FormatConfig("chat", "question", "answer"))
     assert all(sum(e.loss_mask) > 5 for e in examples)
+
+
+def test_hub_dataset_spec_names_config_and_split(monkeypatch):
+    """GSM8K as users get it: "openai/gsm8k:main:test"; the run's role is the default split."""
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or [{"q": 1}])
+    assert sources.load_rows("openai/gsm8k:main:test", "eval") == [{"q": 1}]
+    sources.load_rows("openai/gsm8k:main", "train")
+    sources.load_rows("org/plain_name", "eval")
+    assert calls == [
+        (("openai/gsm8k", "main"), {"split": "test"}),
+        (("openai/gsm8k", "main"), {"split": "train"}),
+        (("org/plain_name", None), {"split": "eval"}),
+    ]
 
 
 def test_builtin_addition_splits_never_share_a_question():

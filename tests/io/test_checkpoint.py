@@ -131,9 +131,10 @@ def test_relative_checkpoint_directories_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpts = TrainCheckpoints("runs/x/checkpoints", keep=2)
     lora, state = {"a": jnp.arange(4.0)}, {"m": jnp.ones(3)}
-    ckpts.save(5, lora, state, {"step": 5})
+    ckpts.save(5, {"lora": lora, "opt_state": state}, {"step": 5})
     ckpts.wait()
-    restored, _, record = ckpts.restore(5, lora, state)
+    restored_state, record = ckpts.restore(5, {"lora": lora, "opt_state": state})
+    restored = restored_state["lora"]
     assert record == {"step": 5} and float(restored["a"][3]) == 3.0
     assert (tmp_path / "runs" / "x" / "checkpoints" / "5").is_dir()
 

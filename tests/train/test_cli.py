@@ -48,6 +48,12 @@ def test_cli_trains_and_writes_the_run_directory(tiny_model, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and 0.0 <= summary["exact_match_after"] <= 1.0
+    # before step 1: the compiled step's memory need, printed and in the summary
+    memory = summary["memory_estimate"]
+    assert memory["total_bytes"] >= memory["arguments_bytes"] > 0 and memory["temporaries_bytes"] > 0
+    memory_line = next(line for line in out.stdout.splitlines() if line.startswith("memory: "))
+    assert memory_line.startswith(f"memory: the compiled step needs {memory['total_bytes'] / 2**30:.2f} GiB")
+    assert out.stdout.index("memory: ") < out.stdout.index("exact match after training")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,98 @@
+"""Generation with a KV cache: prefill the (left-padded) prompts, then decode in one jit."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.models.decoder import Llama
+from qlora_jax.sampling import SamplingConfig, next_token
+
+PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this, so lengths share compilations
+GREEDY = SamplingConfig()
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids"))
+def _generate_padded(
+    model: Llama,
+    frozen,
+    lora,
+    tokens_BxP,
+    mask_BxP,
+    rng,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+):
+    batch, prompt_len = tokens_BxP.shape
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    logits, cache = model.apply(frozen, lora, tokens_BxP, attention_mask=mask_BxP, cache=cache)
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def step(state):
+        i, rng, logits_BxV, cache, out_BxN, done_B = state
+        rng, key = jax.random.split(rng)
+        token_B = jnp.where(done_B, pad_id, next_token(logits_BxV, key, sampling))
+        out_BxN = out_BxN.at[:, i].set(token_B)
+        done_B = done_B | jnp.isin(token_B, eos)
+        logits, cache = model.apply(frozen, lora, token_B[:, None], cache=cache)
+        return i + 1, rng, logits[:, -1], cache, out_BxN, done_B
+
+    def keep_going(state):
+        i, *_, done_B = state
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    state = (0, rng, logits[:, -1], cache, out, jnp.zeros((batch,), bool))
+    return jax.lax.while_loop(keep_going, step, state)[4]
+
+
+def generate(
+    model: Llama,
+    frozen: Any,
+    lora: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: SamplingConfig = GREEDY,
+    eos_ids: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New token ids per prompt, up to and including the first EOS (HF generate's convention)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos_ids = tuple(model.config.eos_token_ids if eos_ids is None else eos_ids)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (eos_ids or (0,))[0]
+    longest = max(len(p) for p in prompts)
+    width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = True
+    out = _generate_padded(
+        model,
+        frozen,
+        lora,
+        tokens,
+        mask,
+        jax.random.key(seed),
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+    results = []
+    for row in np.asarray(out).tolist():
+        ends = [i for i, t in enumerate(row) if t in eos_ids]
+        results.append(row[: ends[0] + 1] if ends else row)
+    return results

@@ -1,0 +1,82 @@
+"""A run's parts from its typed config: model and tokenizer (cheap checks first), weights, data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qlora_jax.data import pipeline, sources
+from qlora_jax.io.gguf import embedded_model_path
+from qlora_jax.io.hf import load_config, load_tokenizer
+from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.decoder import Llama
+from qlora_jax.models.presets import PRESETS
+from qlora_jax.train.config import ConfigError, DataSettings, ModelSettings, RunConfig, check_against_model
+
+
+def check_tokenizer(tokenizer: Any, tokenizer_path: str, model_cfg: LlamaConfig, model_path: str) -> None:
+    """Token ids past the embedding rows would index garbage: refuse a tokenizer larger than the model's."""
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path!r} has {len(tokenizer)} tokens but model {model_path!r} has "
+            f"{model_cfg.vocab_size} embedding rows (vocab_size); use the tokenizer saved with the model"
+        )
+
+
+def open_model(run: RunConfig) -> tuple[str, LlamaConfig, Any]:
+    """(model path, architecture, tokenizer), all cheap to read; the settings are checked against the
+    architecture (config.json / GGUF metadata) so a bad value stops before any weight is read."""
+    m = run.model
+    path = m.path or embedded_model_path()
+    model_cfg = PRESETS[path] if path in PRESETS else load_config(path, remat_policy=m.remat_policy)
+    check_against_model(run, model_cfg)
+    tokenizer_path = m.tokenizer or ("" if path in PRESETS else path)
+    if not tokenizer_path:
+        raise ConfigError(f"model.path={path!r} is a preset: set model.tokenizer to tokenize data")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer(tokenizer, tokenizer_path, model_cfg, path)
+    return path, model_cfg, tokenizer
+
+
+def load_weights(m: ModelSettings, path: str, seed: int) -> tuple[Llama, Any]:
+    """(model, frozen): random weights for a preset name, else streamed and quantized from the file."""
+    runtime = {"remat_policy": m.remat_policy}
+    if path in PRESETS:
+        return llama.random_init(path, m.quantization, m.dtype, seed=seed, **runtime)
+    return llama.from_pretrained(path, m.quantization, m.dtype, **runtime)
+
+
+def load_model(run: RunConfig) -> tuple[Llama, Any, Any]:
+    """(model, frozen, tokenizer) from model.path: a file/dir, a preset name, or "" (embedded)."""
+    path, _, tokenizer = open_model(run)
+    return *load_weights(run.model, path, run.train.seed), tokenizer
+
+
+def load_examples(data: DataSettings, tokenizer: Any) -> tuple[list, list[dict], list]:
+    """(train examples, eval rows, eval examples); without data.eval_path a seeded fraction is held out.
+
+    Rows are tokenized in file order, so a malformed row's error gives its index in the file.
+    """
+    seed = data.batching.seed
+    rows = sources.load_rows(data.train_path, "train", seed)
+    examples = pipeline.tokenize(rows, tokenizer, data.format, data.train_path)
+    if data.eval_path:
+        eval_rows = sources.load_rows(data.eval_path, "eval", seed)
+        return examples, eval_rows, pipeline.tokenize(eval_rows, tokenizer, data.format, data.eval_path)
+    n_eval = int(len(rows) * data.eval_fraction)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held_out = order[:n_eval]
+    return [examples[i] for i in order[n_eval:]], [rows[i] for i in held_out], [examples[i] for i in held_out]
+
+
+def load_data(
+    data: DataSettings, eval_batches: int, tokenizer: Any
+) -> tuple[pipeline.BatchIterator, list[dict], list[dict]]:
+    """(train batches, eval rows, eval batches capped at `eval_batches` (0: all)), as a run sees them."""
+    train_examples, eval_rows, eval_examples = load_examples(data, tokenizer)
+    eval_set = pipeline.eval_batches(eval_examples, data.batching) if eval_examples else []
+    if eval_batches:
+        eval_set = eval_set[:eval_batches]
+    return pipeline.BatchIterator(train_examples, data.batching), eval_rows, eval_set
