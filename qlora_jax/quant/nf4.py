@@ -254,21 +254,29 @@ def quantize_blockwise_8bit(x: jax.Array, block_size: int = NESTED_BLOCK_SIZE) -
     return codes.reshape(-1)[:n].astype(jnp.uint8), absmax_N
 
 
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """s + e == a + b exactly, s = fl(a + b) (Knuth; float32, no reassociation under XLA)."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
 def fixed_order_mean(x: jax.Array) -> jax.Array:
-    """Mean of 1-D float32 `x`: a fixed pairwise tree of elementwise adds, times 1/n.
+    """Mean of 1-D float32 `x`, the same bits however XLA compiles it, within about 1 ulp.
 
     A reduce op leaves its summation order to the compiler: on an H100, `jnp.mean` of the same
     absmax values changed with the autotuning level, and so did every scale code and the base's
-    fingerprint (experiments/results/fingerprint_probe.json). Float addition is commutative, so a
-    tree of pairwise adds has one result whatever the compiler does."""
+    fingerprint (experiments/results/fingerprint_probe.json). Here the sum is a fixed pairwise
+    tree of elementwise adds (commutative, so one result), each carrying its rounding error
+    (two-sum), times the float32 reciprocal of n: XLA turns a division by a constant into that
+    multiplication under jit only, so spelling it out makes eager, jit and vmap agree."""
     n = x.shape[0]
-    total = jnp.pad(x.astype(jnp.float32), (0, (1 << max(n - 1, 0).bit_length()) - n))
-    while total.shape[0] > 1:
-        pairs = total.reshape(-1, 2)
-        total = pairs[:, 0] + pairs[:, 1]
-    # times the float32 reciprocal, as XLA compiles a division by a constant anyway (in jit only,
-    # so spelling it out makes eager, jit and vmap agree); within 1 ulp of the quotient
-    return total[0] * np.float32(1.0 / n)
+    hi = jnp.pad(x.astype(jnp.float32), (0, (1 << max(n - 1, 0).bit_length()) - n))
+    lo = jnp.zeros_like(hi)
+    while hi.shape[0] > 1:
+        hi, err = _two_sum(hi[0::2], hi[1::2])
+        lo = lo[0::2] + lo[1::2] + err
+    return (hi[0] + lo[0]) * np.float32(1.0 / n)
 
 
 def quantize(
