@@ -7,6 +7,7 @@ Arrays and computations still default to the first device; CLI subprocesses get 
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -29,6 +30,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli_env() -> dict[str, str]:
     xla_flags = os.environ["XLA_FLAGS"].replace(CPU_DEVICES_FLAG, "").strip()
     return os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags}
+
+
+def run_cli(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """A CLI command as a user runs it, from the repository root, its output captured."""
+    return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def train_command(*overrides: str) -> list[str]:

@@ -29,7 +29,7 @@ from qlora_jax.io.safetensors_stream import SafetensorsFile, write
 from qlora_jax.models.frozen import Quantization
 from qlora_jax.train import config
 from qlora_jax.train.run_dir import prepare_run_dir
-from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
+from tests.conftest import REPO, run_cli, tiny_run_overrides, train_command
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 from base import base_config  # noqa: E402
@@ -46,9 +46,7 @@ def open_text(*parts) -> str:
 
 
 def _train(*args: str, command: list[str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command or train_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
-    )
+    return run_cli(command or train_command(*args))
 
 
 def _error_line(out: subprocess.CompletedProcess, code: int = 2) -> str:

@@ -2,24 +2,16 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
+from tests.conftest import run_cli, tiny_run_overrides, train_command
 
 
 def test_export_formats_from_a_run(tiny_model, tmp_path):
     run = tmp_path / "run"
-    out = subprocess.run(
-        train_command(*tiny_run_overrides(tiny_model, run, 2)),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_cli(train_command(*tiny_run_overrides(tiny_model, run, 2)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert {"adapter_model.safetensors", "adapter_config.json", "orbax"} <= set(os.listdir(run / "adapter"))
     for fmt in ("peft", "orbax", "merged"):
@@ -36,7 +28,7 @@ def test_export_formats_from_a_run(tiny_model, tmp_path):
             "--dtype",
             "float32",
         ] + (["--requantize_error"] if fmt == "merged" else [])
-        res = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+        res = run_cli(cmd)
         assert res.returncode == 0, res.stderr[-2000:]
     from safetensors.numpy import load_file
 
@@ -53,7 +45,7 @@ def test_export_formats_from_a_run(tiny_model, tmp_path):
 
 
 def test_export_of_a_missing_run_is_one_line(tmp_path):
-    res = subprocess.run(
+    res = run_cli(
         [
             sys.executable,
             "-m",
@@ -65,10 +57,6 @@ def test_export_of_a_missing_run_is_one_line(tmp_path):
             "--out",
             str(tmp_path / "o"),
         ],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert res.returncode != 0 and "is not a run directory (no config.json)" in res.stderr

@@ -200,18 +200,21 @@ def _warmup_within_run(warmup: int, max_steps: int) -> int:
     return max_steps
 
 
+def _same_names(cls: type, group: Any, **derived: Any) -> Any:
+    """`cls` with each field read from the recipe group's key of the same name; `derived` gives
+    the fields that are computed or come from elsewhere."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in derived]
+    return cls(**{name: group[name] for name in names}, **derived)
+
+
 def parse(c: Any) -> RunConfig:
     """The recipe's ConfigDict, validated, as a frozen RunConfig (ConfigError on a bad value)."""
     validate(c)
     m, d, t, o = c.model, c.data, c.train, c.optim
     quant_type = None if m.quantization in ("none", "", None) else m.quantization
     return RunConfig(
-        model=ModelSettings(
-            path=m.path,
-            tokenizer=m.tokenizer,
-            quantization=Quantization(quant_type, m.block_size, m.double_quant),
-            dtype=m.dtype,
-            remat_policy=m.remat_policy,
+        model=_same_names(
+            ModelSettings, m, quantization=Quantization(quant_type, m.block_size, m.double_quant)
         ),
         lora=LoraConfig(
             r=c.lora.r,
@@ -222,18 +225,10 @@ def parse(c: Any) -> RunConfig:
             use_rslora=c.lora.use_rslora,
             init=c.lora.init,
         ),
-        data=DataSettings(
-            train_path=d.train_path,
-            eval_path=d.eval_path,
-            eval_fraction=d.eval_fraction,
-            format=FormatConfig(
-                format=d.format,
-                prompt_key=d.prompt_key,
-                completion_key=d.completion_key,
-                text_key=d.text_key,
-                messages_key=d.messages_key,
-                train_on_prompt=d.train_on_prompt,
-            ),
+        data=_same_names(
+            DataSettings,
+            d,
+            format=_same_names(FormatConfig, d),
             batching=BatchingConfig(
                 max_seq_len=d.max_seq_len,
                 batch_size=t.batch_size,
@@ -243,40 +238,18 @@ def parse(c: Any) -> RunConfig:
                 seed=t.seed,
             ),
         ),
-        optim=OptimConfig(
-            lr=o.lr,
-            schedule=o.schedule,
+        optim=_same_names(
+            OptimConfig,
+            o,
             warmup_steps=_warmup_within_run(o.warmup_steps, t.max_steps),
             total_steps=t.max_steps,
-            weight_decay=o.weight_decay,
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
             max_grad_norm=o.max_grad_norm or None,
-            accumulation_steps=o.accumulation_steps,
-            offload_state=o.offload_state,
         ),
-        train=TrainSettings(
-            max_steps=t.max_steps,
-            log_every=t.log_every,
-            eval_every=t.eval_every,
-            eval_batches=t.eval_batches,
-            seed=t.seed,
-            exact_match_examples=t.exact_match_examples,
-            exact_match=t.exact_match,
-            max_new_tokens=t.max_new_tokens,
-            loss_chunk=t.loss_chunk,
-            nonfinite=t.nonfinite,
-        ),
-        checkpoint=CheckpointSettings(every=c.checkpoint.every, keep=c.checkpoint.keep),
-        mesh=MeshConfig(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor),
-        distributed=DistributedSettings(
-            mode=c.distributed.mode,
-            coordinator=c.distributed.coordinator,
-            num_processes=c.distributed.num_processes,
-            process_id=c.distributed.process_id,
-        ),
-        compare=CompareSettings(prompts=c.compare.prompts, first_steps=c.compare.first_steps),
+        train=_same_names(TrainSettings, t),
+        checkpoint=_same_names(CheckpointSettings, c.checkpoint),
+        mesh=_same_names(MeshConfig, c.mesh),
+        distributed=_same_names(DistributedSettings, c.distributed),
+        compare=_same_names(CompareSettings, c.compare),
         output_dir=c.output_dir,
         resume=c.resume == "auto",
         overwrite=c.overwrite,

@@ -106,10 +106,9 @@ class Checkpointer:
         return state
 
     def save(self, state: TrainState) -> None:
-        step = int(state.step)
         record = counters(state) | {"base_path": self.base_path, "base_fingerprint": self.fingerprint}
-        self.steps.save(step, state, record)
-        self.last_saved = step
+        self.steps.save(record["step"], state, record)
+        self.last_saved = record["step"]
 
     def wait(self) -> None:
         if self.steps is not None:
@@ -125,12 +124,10 @@ class MetricLogger:
         writer: MetricsWriter,
         train: TrainSettings,
         schedule: Any,
-        start: TrainState,
+        start_step: int,
         checkpointer: Checkpointer,
     ):
         self.writer, self.train, self.schedule, self.checkpointer = writer, train, schedule, checkpointer
-        start_step = int(start.step)
-        self.skipped = int(start.skipped_steps)
         self.bar = tqdm(
             range(start_step + 1, train.max_steps + 1),
             desc="train",
@@ -166,9 +163,9 @@ class MetricLogger:
                     f"{what}: stopped (last checkpoint: {kept}); lower optim.lr, check the data, "
                     "or skip such batches with --config.train.nonfinite=skip"
                 )
-            self.skipped += 1  # the step left lora and the optimizer state as they were
-            self.writer.write(step, {"skipped_steps": self.skipped})
-            tqdm.write(f"{what}: batch skipped, no update ({self.skipped} skipped so far)")
+            skipped = int(metrics["skipped_steps"])  # the step left lora and the optimizer state as they were
+            self.writer.write(step, {"skipped_steps": skipped})
+            tqdm.write(f"{what}: batch skipped, no update ({skipped} skipped so far)")
             return
         row = {
             "loss": loss,

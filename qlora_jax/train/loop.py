@@ -132,7 +132,7 @@ def train_and_evaluate(run: RunConfig) -> dict[str, Any]:
     if lead:
         write_json(run.output_dir, "summary.json", summary)
     writer = MetricsWriter(run.output_dir if lead else None, tensorboard)
-    logger = MetricLogger(writer, run.train, learning_rate(run.optim), r.state, r.checkpointer)
+    logger = MetricLogger(writer, run.train, learning_rate(run.optim), start_step, r.checkpointer)
     summary["exact_match_before"] = (
         None if start_step else r.evaluator.exact_match(r.state.lora, r.frozen, "before training")
     )

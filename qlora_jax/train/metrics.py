@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 from typing import Any
 
 
-def tensorboard_available() -> bool:
-    """Whether tensorboardX imports; if not, one warning line now, before any weight is read."""
+def optional_package(name: str, skipped: str) -> bool:
+    """Whether `name` imports; if not, one warning line saying what the run skips without it
+    (called at start, before any weight is read)."""
     try:
-        import tensorboardX  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
-        pass
-    else:
-        return True
-    print(
-        "warning: tensorboardX is not installed: TensorBoard events are skipped "
-        "(metrics.jsonl holds the same scalars; pip install tensorboardX to get them)"
+        print(f"warning: {name} is not installed: {skipped} (pip install {name})")
+        return False
+    return True
+
+
+def tensorboard_available() -> bool:
+    return optional_package(
+        "tensorboardX", "TensorBoard events are skipped, metrics.jsonl holds the same scalars"
     )
-    return False
 
 
 class MetricsWriter:

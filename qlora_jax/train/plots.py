@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import os
 
-from qlora_jax.train.metrics import read_metrics
+from qlora_jax.train.metrics import optional_package, read_metrics
 
 
 def available() -> bool:
-    """Whether matplotlib imports; if not, one warning line now, before any weight is read."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return True
-    print("warning: matplotlib is not installed: plots/ is skipped (pip install matplotlib to get it)")
-    return False
+    return optional_package("matplotlib", "plots/ is skipped")
 
 
 def draw(run_dir: str) -> list[str]:

@@ -22,9 +22,6 @@ class TrainState:
     skipped_steps: jax.Array  # int32: non-finite steps skipped (train.nonfinite=skip)
     data_position: jax.Array  # int32 (epoch, batch index) of the next batch
 
-    def replace(self, **changes: Any) -> TrainState:
-        return dataclasses.replace(self, **changes)
-
 
 jax.tree_util.register_dataclass(
     TrainState,
@@ -33,31 +30,30 @@ jax.tree_util.register_dataclass(
 )
 
 
-def new_state(lora: Any, opt_state: Any, rng: jax.Array, replicated: Any) -> TrainState:
-    """Step 0: the placed adapters and optimizer state, the run's key, the data's first batch;
-    the counters and key placed whole on every device (`replicated`)."""
-    counters = {
+def _initial_counters(rng: jax.Array) -> dict[str, np.ndarray]:
+    """Every field but the adapters and the optimizer state, at step 0."""
+    return {
         "step": np.zeros((), np.int32),
         "rng": np.asarray(jax.random.key_data(rng)),
         "tokens_seen": np.zeros((), np.float32),
         "skipped_steps": np.zeros((), np.int32),
         "data_position": np.zeros((2,), np.int32),
     }
-    return TrainState(lora=lora, opt_state=opt_state, **sharding.place(counters, replicated))
+
+
+def new_state(lora: Any, opt_state: Any, rng: jax.Array, replicated: Any) -> TrainState:
+    """Step 0: the placed adapters and optimizer state, the run's key, the data's first batch;
+    the counters and key placed whole on every device (`replicated`)."""
+    counters = sharding.place(_initial_counters(rng), replicated)
+    return TrainState(lora=lora, opt_state=opt_state, **counters)
 
 
 def abstract_state(lora_like: Any, opt_state_like: Any) -> TrainState:
     """A TrainState of shapes and dtypes around these trees: what a checkpoint restore fills."""
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
-    return TrainState(
-        step=scalar(np.int32),
-        lora=lora_like,
-        opt_state=opt_state_like,
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-        tokens_seen=scalar(np.float32),
-        skipped_steps=scalar(np.int32),
-        data_position=jax.ShapeDtypeStruct((2,), np.int32),
+    shapes = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _initial_counters(jax.random.key(0))
     )
+    return TrainState(lora=lora_like, opt_state=opt_state_like, **shapes)
 
 
 def data_position(state: TrainState) -> dict[str, int]:

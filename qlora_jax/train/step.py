@@ -189,7 +189,7 @@ class StateStep:
                 skipped_steps=state.skipped_steps + (skipped.astype(jnp.int32) if skip_nonfinite else 0),
                 data_position=data_position,
             )
-            return new_state, metrics
+            return new_state, metrics | {"skipped_steps": new_state.skipped_steps}
 
         self._jitted = jax.jit(state_step, donate_argnums=0, out_shardings=(shardings, None))
         self._compiled: dict[Any, Any] = {}

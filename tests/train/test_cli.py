@@ -8,13 +8,11 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
+from tests.conftest import run_cli, tiny_run_overrides, train_command
 
 
 def _train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        train_command(*overrides), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
-    )
+    return run_cli(train_command(*overrides))
 
 
 def test_cli_trains_and_writes_the_run_directory(tiny_model, tmp_path):
@@ -95,14 +93,7 @@ def test_missing_tensorboardx_and_matplotlib_warn_at_start_and_the_run_completes
     )
     run = tmp_path / "run"
     command = train_command(*tiny_run_overrides(tiny_model, run, 2))
-    out = subprocess.run(
-        [sys.executable, str(driver), *command[3:]],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_cli([sys.executable, str(driver), *command[3:]])
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     warnings = [i for i, line in enumerate(lines) if line.startswith("warning: ")]
