@@ -244,14 +244,21 @@ def quantize_blockwise_8bit(x: jax.Array, block_size: int = NESTED_BLOCK_SIZE) -
     scaled = x_NxB * recip_N[:, None]
     if n % block_size:
         last = n_blocks - 1
-        # bitsandbytes clamps (and stores) a short last block's absmax at 1e-38; select rather
-        # than max() so a flush-to-zero backend keeps the subnormal.
-        absmax_last = jnp.where(absmax_N[last] > 0, absmax_N[last], _TINY)
+        # bitsandbytes clamps (and stores) a short last block's absmax at 1e-38. A float select
+        # is not enough: XLA rewrites select(a > 0, a, tiny) to max(a, tiny), which a flush-to-zero
+        # backend computes as 0 (seen under jit on CPU for a one-block tensor). Select the bits.
+        absmax_last = _select_bits(absmax_N[last] > 0, absmax_N[last], _TINY)
         absmax_N = absmax_N.at[last].set(absmax_last)
         divided = jnp.where(x_NxB[last] != 0, x_NxB[last] / absmax_last, 0.0)
         scaled = scaled.at[last].set(divided)
     codes = _round_to_code(jnp.clip(scaled, -1.0, 1.0), DYNAMIC_CODE)
     return codes.reshape(-1)[:n].astype(jnp.uint8), absmax_N
+
+
+def _select_bits(pred: jax.Array, a: jax.Array, b: np.float32) -> jax.Array:
+    """where(pred, a, b) on float32 bit patterns, so no float op can flush a subnormal b."""
+    a_bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    return jax.lax.bitcast_convert_type(jnp.where(pred, a_bits, np.float32(b).view(np.uint32)), jnp.float32)
 
 
 def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -9,6 +9,7 @@ bitsandbytes' own offset in to check the rest of the pipeline bitwise.
 
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,6 +172,11 @@ def test_to_bnb_layout_matches_quant_state_as_dict():
     assert ours["weight"].shape == tuple(packed.shape) and ours["weight"].dtype == np.uint8
 
 
+# One compiled program per drawn size: eager dispatch would compile each op for each new size
+# (~5x slower). tests/quant/test_nf4_jax.py holds eager and jit to the same bits.
+QUANTIZE = jax.jit(nf4.quantize, static_argnames=("block_size", "double_quant", "quant_type"))
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     n_blocks=st.integers(1, 600),
@@ -187,7 +193,7 @@ def test_property_matches_bnb_on_random_sizes_and_scales(
     if dtype == "float16":
         w = np.clip(w, -6e4, 6e4)
     packed, state = bnb_quantize(w, dtype, block_size, quant_type, double_quant=True)
-    q = _ours(w, dtype, block_size, quant_type, True, dq_offset=state.offset.item())
+    q = QUANTIZE(jnp.asarray(w).astype(dtype), block_size, True, quant_type, dq_offset=state.offset.item())
     _, plain = bnb_quantize(w, dtype, block_size, quant_type, double_quant=False)
     ref_codes, ref_nested = bnb_reference_quantize_blockwise(plain.absmax - state.offset)
     assert np.array_equal(np.asarray(q.packed), packed.numpy().reshape(-1))
