@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -25,17 +27,31 @@ def embedded_model_path() -> str:
     return path
 
 
+def open_reader(path: str) -> Any:
+    """The file's gguf.GGUFReader, parsed once per process while the file is unchanged: parsing
+    the metadata (SmolLM2's 49,152-token vocabulary and merges) takes seconds, and a load reads
+    the config first and the tensors after."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = os.stat(path)
+    return _parsed(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, mtime_ns: int, size: int) -> Any:
+    import gguf  # imported here: only GGUF users pay for it
+
+    return gguf.GGUFReader(path)
+
+
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (gguf name, float32 array) one tensor at a time, dequantizing llama.cpp types.
 
     Arrays come in row-major (PyTorch) order: a linear weight is (out_features, in_features).
     """
-    import gguf  # imported here: only GGUF users pay for it
+    import gguf
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(path)
-    for tensor in reader.tensors:
+    for tensor in open_reader(path).tensors:
         try:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as err:

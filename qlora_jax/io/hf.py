@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.io import gguf as gguf_io
 from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
 from qlora_jax.models.frozen import Quantization, build_frozen
 
@@ -44,9 +45,7 @@ def load(
 def load_config(path: str, **runtime: Any) -> LlamaConfig:
     """Only the architecture (config.json or GGUF metadata): cheap, so settings are checked before weights."""
     if is_gguf(path):
-        import gguf
-
-        return gguf_config(gguf.GGUFReader(path), path, **runtime)
+        return gguf_config(gguf_io.open_reader(path), path, **runtime)
     return _hf_config(_hf_dir(path), runtime)
 
 
@@ -172,7 +171,7 @@ def _gguf_name(name: str) -> str:
 def _gguf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callable[[str], np.ndarray]]:
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = gguf_io.open_reader(path)
     cfg = gguf_config(reader, path, **runtime)
     tensors = {t.name: t for t in reader.tensors}
 

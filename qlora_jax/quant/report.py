@@ -22,29 +22,39 @@ from qlora_jax.quant import nf4
 LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def _relative_rms(approx: jax.Array, exact: jax.Array) -> float:
-    return float(jnp.sqrt(jnp.mean((approx - exact) ** 2) / jnp.mean(exact**2)))
+def _relative_rms(approx: jax.Array, exact: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean((approx - exact) ** 2) / jnp.mean(exact**2))
+
+
+@jax.jit
+def _quantize_both(w: jax.Array) -> tuple[nf4.NF4Tensor, jax.Array, jax.Array]:
+    """(NF4+DQ tensor, its relative RMS error, FP4's): one compiled program per weight shape."""
+    exact = w.astype(jnp.float32)
+    q = nf4.quantize(w)
+    fp4 = nf4.quantize(w, quant_type="fp4")
+    return (
+        q,
+        _relative_rms(q.dequantize(jnp.float32), exact),
+        _relative_rms(fp4.dequantize(jnp.float32), exact),
+    )
 
 
 def quantize_report(path: str) -> dict[str, dict[str, float]]:
     """Per projection kind: tensors, params, NF4+DQ bytes, and relative RMS error of NF4/FP4."""
-    quantize = jax.jit(nf4.quantize, static_argnames=("block_size", "double_quant", "quant_type"))
     rows: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     for name, weight in gguf_io.iter_tensors(path):
         kind = name.split(".")[-2]
         if kind not in LINEAR_KINDS:
             continue
         w = jnp.asarray(weight, jnp.bfloat16)
-        exact = w.astype(jnp.float32)
-        q = quantize(w)
+        q, nf4_err, fp4_err = _quantize_both(w)
         row = rows[kind]
         row["tensors"] += 1
         row["params"] += w.size
         row["bf16_bytes"] += w.size * 2
         row["nf4_bytes"] += q.nbytes
-        row["nf4_err_sq"] += _relative_rms(q.dequantize(jnp.float32), exact) ** 2
-        fp4 = quantize(w, quant_type="fp4")
-        row["fp4_err_sq"] += _relative_rms(fp4.dequantize(jnp.float32), exact) ** 2
+        row["nf4_err_sq"] += float(nf4_err) ** 2
+        row["fp4_err_sq"] += float(fp4_err) ** 2
     return rows
 
 
