@@ -70,7 +70,9 @@ def compare(run: RunConfig) -> dict[str, Any]:
     eval_fn = evaluate.make_eval_loss(model, lora_cfg, run.train.loss_chunk)
     trainer = TorchTrainer(peft_model, optim_cfg)
     schedule = learning_rate(optim_cfg)
-    batches, eval_rows, eval_set = build.load_data(run.data, run.train.eval_batches, tokenizer)
+    batches, eval_rows, eval_set = build.load_data(
+        run.data, build.read_rows(run.data), run.train.eval_batches, tokenizer
+    )
 
     def eval_both() -> dict[str, float]:
         return {

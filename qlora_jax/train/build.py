@@ -54,28 +54,41 @@ def load_model(run: RunConfig) -> tuple[Llama, Any, Any]:
     return *load_weights(run.model, path, run.train.seed), tokenizer
 
 
-def load_examples(data: DataSettings, tokenizer: Any) -> tuple[list, list[dict], list]:
+Rows = tuple[list[dict], list[dict] | None]  # (train rows, eval rows or None: held out of train)
+
+
+def read_rows(data: DataSettings) -> Rows:
+    """The data files read and checked (missing, not UTF-8, malformed JSON) before the tokenizer or
+    any weight is read, so a bad path stops a run at once."""
+    seed = data.batching.seed
+    eval_rows = sources.load_rows(data.eval_path, "eval", seed) if data.eval_path else None
+    return sources.load_rows(data.train_path, "train", seed), eval_rows
+
+
+def load_examples(data: DataSettings, rows: Rows, tokenizer: Any) -> tuple[list, list[dict], list]:
     """(train examples, eval rows, eval examples); without data.eval_path a seeded fraction is held out.
 
     Rows are tokenized in file order, so a malformed row's error gives its index in the file.
     """
-    seed = data.batching.seed
-    rows = sources.load_rows(data.train_path, "train", seed)
-    examples = pipeline.tokenize(rows, tokenizer, data.format, data.train_path)
-    if data.eval_path:
-        eval_rows = sources.load_rows(data.eval_path, "eval", seed)
+    train_rows, eval_rows = rows
+    examples = pipeline.tokenize(train_rows, tokenizer, data.format, data.train_path)
+    if eval_rows is not None:
         return examples, eval_rows, pipeline.tokenize(eval_rows, tokenizer, data.format, data.eval_path)
-    n_eval = int(len(rows) * data.eval_fraction)
-    order = np.random.default_rng(seed).permutation(len(rows))
+    n_eval = int(len(train_rows) * data.eval_fraction)
+    order = np.random.default_rng(data.batching.seed).permutation(len(train_rows))
     held_out = order[:n_eval]
-    return [examples[i] for i in order[n_eval:]], [rows[i] for i in held_out], [examples[i] for i in held_out]
+    return (
+        [examples[i] for i in order[n_eval:]],
+        [train_rows[i] for i in held_out],
+        [examples[i] for i in held_out],
+    )
 
 
 def load_data(
-    data: DataSettings, eval_batches: int, tokenizer: Any
+    data: DataSettings, rows: Rows, eval_batches: int, tokenizer: Any
 ) -> tuple[pipeline.BatchIterator, list[dict], list[dict]]:
     """(train batches, eval rows, eval batches capped at `eval_batches` (0: all)), as a run sees them."""
-    train_examples, eval_rows, eval_examples = load_examples(data, tokenizer)
+    train_examples, eval_rows, eval_examples = load_examples(data, rows, tokenizer)
     eval_set = pipeline.eval_batches(eval_examples, data.batching) if eval_examples else []
     if eval_batches:
         eval_set = eval_set[:eval_batches]

@@ -48,11 +48,12 @@ class Run:
 
 
 def build_run(run: RunConfig) -> Run:
-    """Tokenizer and data first (a malformed row stops the run before a large model is read), then
-    the base (placed on the mesh), adapters, optimizer and the jitted step."""
+    """Data files, tokenizer and tokenized data first (a bad file or row stops the run before a large
+    model is read), then the base (placed on the mesh), adapters, optimizer and the jitted step."""
     mesh = sharding.make_mesh(run.mesh)
+    rows = build.read_rows(run.data)
     base_path, _, tokenizer = build.open_model(run)
-    batches, eval_rows, eval_set = build.load_data(run.data, run.train.eval_batches, tokenizer)
+    batches, eval_rows, eval_set = build.load_data(run.data, rows, run.train.eval_batches, tokenizer)
     print(
         f"data: {len(batches.examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
         f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
