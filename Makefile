@@ -19,7 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	# two workers on a 2-CPU machine (at most 4 elsewhere: each holds its own models); tests that
+	# share a loaded model are grouped onto one worker (xdist_group marks)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 clean:
 	rm -rf $(VENV)

@@ -1,5 +1,6 @@
 """Shared test setup: JAX on CPU with 8 host devices (the sharding tests' meshes), deterministic,
-one compilation cache per session.
+one compilation cache per session, and the fixtures several test files share (the tiny model, one
+trained run of it, the real SmolLM2 in JAX and in transformers).
 
 Arrays and computations still default to the first device; CLI subprocesses get one device.
 """
@@ -50,28 +51,73 @@ def train_command(*overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (GPT-2 style BPE, ChatML template), built from the embedded GGUF."""
     from qlora_jax.io.gguf import embedded_model_path
     from qlora_jax.io.hf import load_tokenizer
+
+    return load_tokenizer(embedded_model_path())
+
+
+def _save_tiny_model(path, seed: int, tokenizer) -> str:
+    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
     from tests.models.hf_reference import hf_model, save, small_config
 
-    path = tmp_path_factory.mktemp("tiny") / "hf"
-    save(
-        hf_model(
-            small_config(
-                vocab_size=49152,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=2,
-                num_kv_heads=1,
-                tie_word_embeddings=True,
-            )
-        ),
-        path,
+    tiny = small_config(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        num_kv_heads=1,
+        tie_word_embeddings=True,
     )
-    load_tokenizer(embedded_model_path()).save_pretrained(path)
+    save(hf_model(tiny, seed=seed), path)
+    tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_tokenizer, tmp_path_factory):
+    return _save_tiny_model(tmp_path_factory.mktemp("tiny") / "hf", 0, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(smollm2_tokenizer, tmp_path_factory):
+    """tiny_model's architecture with other random weights: a different base, same shapes."""
+    return _save_tiny_model(tmp_path_factory.mktemp("other_tiny") / "hf", 1, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> str:
+    """One finished 6-step CLI run of tiny_model, checkpointed at steps 3 and 6, shared by the tests
+    that read a run (export, resume): copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    out = run_cli(train_command(*tiny_run_overrides(tiny_model, run_dir, 6), "--config.checkpoint.every=3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return str(run_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    """The embedded SmolLM2-135M-Instruct in our decoder, unquantized float32: (model, frozen)."""
+    from qlora_jax.io.gguf import embedded_model_path
+    from qlora_jax.models import llama
+
+    return llama.from_pretrained(embedded_model_path(), quantization=None, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """The embedded SmolLM2-135M-Instruct in transformers (float32, eval mode): the reference."""
+    import torch
+    import transformers
+
+    from qlora_jax.io.gguf import embedded_model_path
+
+    directory, name = os.path.split(embedded_model_path())
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32
+    ).eval()
 
 
 def tiny_run_overrides(model_path: str, run_dir: str, steps: int) -> list[str]:

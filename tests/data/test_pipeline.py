@@ -35,10 +35,10 @@ def test_text_files_give_text_rows(tmp_path):
 GSM8K_SAMPLE = os.path.join(os.path.dirname(__file__), "fixtures", "gsm8k_test_head24.jsonl")
 
 
-def test_gsm8k_rows_load_in_chat_format(tokenizer):
+def test_gsm8k_rows_load_in_chat_format(smollm2_tokenizer):
     rows = sources.load_rows(GSM8K_SAMPLE)
     assert len(rows) == 24 and set(rows[0]) == {"question", "answer"}
-    examples = pipeline.tokenize(rows[:5], tokenizer, FormatConfig("chat", "question", "answer"))
+    examples = pipeline.tokenize(rows[:5], smollm2_tokenizer, FormatConfig("chat", "question", "answer"))
     assert all(sum(e.loss_mask) > 5 for e in examples)
 
 

@@ -36,9 +36,9 @@ def _adapter(run_dir) -> dict[str, np.ndarray]:
     return {name: f.read(name) for name in f.names()}
 
 
-def test_resume_from_the_middle_gives_the_same_losses_and_adapter(tiny_model, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(*tiny_run_overrides(tiny_model, straight, 6), "--config.checkpoint.every=3")
+@pytest.mark.xdist_group("tiny_run")  # with the other readers of the shared run
+def test_resume_from_the_middle_gives_the_same_losses_and_adapter(tiny_model, tiny_run, tmp_path):
+    straight, resumed = tiny_run, tmp_path / "resumed"  # tiny_run: 6 steps, checkpoints at 3 and 6
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")  # as if the run had died after step 3's checkpoint
     shutil.rmtree(resumed / "adapter")
@@ -54,11 +54,13 @@ def test_resume_from_the_middle_gives_the_same_losses_and_adapter(tiny_model, tm
         np.testing.assert_allclose(_adapter(resumed)[name], value, rtol=1e-6, atol=1e-9)
 
 
-def test_resume_refuses_a_different_base(tiny_model, tmp_path):
+@pytest.mark.xdist_group("tiny_run")  # with the other readers of the shared run
+def test_resume_refuses_a_different_base(other_tiny_model, tiny_run, tmp_path):
+    """Same architecture, other weights: only the base fingerprint tells them apart."""
     run = tmp_path / "run"
-    _run(*tiny_run_overrides(tiny_model, run, 2), "--config.checkpoint.every=2")
+    shutil.copytree(tiny_run, run)
     out = subprocess.run(
-        train_command(*tiny_run_overrides("", run, 4), "--config.resume=auto"),
+        train_command(*tiny_run_overrides(other_tiny_model, run, 8), "--config.resume=auto"),
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import copy
 
 import jax
 import numpy as np
@@ -15,8 +15,6 @@ from qlora_jax import lora as lora_lib
 from qlora_jax.compare.torch_reference import peft_config
 from qlora_jax.io import hf_export
 from qlora_jax.io import peft as peft_io
-from qlora_jax.io.gguf import embedded_model_path
-from qlora_jax.models import llama
 from tests.models.hf_reference import hf_logits, rel_err
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -29,10 +27,14 @@ CFG = lora_lib.LoraConfig(
 )
 TOKENS = np.array([[1, 504, 3458, 282, 4649, 314, 3420, 28, 284, 3458, 282, 4649, 314]], np.int32)
 
+# one xdist worker runs these: the fixtures they share are loaded once (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("smollm2")
+
 
 @pytest.fixture(scope="module")
-def smollm2():
-    model, frozen = llama.from_pretrained(embedded_model_path(), quantization=None, dtype="float32")
+def smollm2(smollm2_fp32):
+    """The float32 SmolLM2 with a random adapter of CFG (nonzero B)."""
+    model, frozen = smollm2_fp32
     tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, CFG))
     rng = np.random.default_rng(0)
     for modules in tree["layers"].values():
@@ -43,30 +45,22 @@ def smollm2():
     return model, frozen, tree
 
 
-@pytest.fixture(scope="module")
-def hf_smollm2():
-    directory, name = os.path.split(embedded_model_path())
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32
-    ).eval()
-
-
 def test_peft_loads_our_adapter_and_matches_our_logits(smollm2, hf_smollm2, tmp_path):
     model, frozen, tree = smollm2
     peft_io.save_adapter(str(tmp_path / "adapter"), tree, CFG, model.config, "SmolLM2-135M-Instruct")
-    ref = peft.PeftModel.from_pretrained(hf_smollm2, str(tmp_path / "adapter")).eval()
+    # peft wraps the model it is given in place: give it a copy of the shared reference
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(hf_smollm2), str(tmp_path / "adapter")).eval()
     ours = np.asarray(model.apply(frozen, tree, TOKENS))
     err = rel_err(ours, hf_logits(ref, TOKENS))
     assert err < 1e-4, err  # fp32 on both sides, as the base model parity (observed ~5e-6)
     # and the adapter matters: without it logits move by far more than the tolerance
     assert rel_err(np.asarray(model.apply(frozen, None, TOKENS)), hf_logits(ref, TOKENS)) > 1e-3
-    ref.unload()
 
 
 def test_our_export_has_peft_keys_and_config(smollm2, hf_smollm2, tmp_path):
     model, frozen, tree = smollm2
     peft_io.save_adapter(str(tmp_path / "ours"), tree, CFG, model.config)
-    theirs = peft.get_peft_model(hf_smollm2, peft_config(CFG))
+    theirs = peft.get_peft_model(copy.deepcopy(hf_smollm2), peft_config(CFG))
     theirs.save_pretrained(str(tmp_path / "theirs"))
     from safetensors.numpy import load_file
 
@@ -79,7 +73,6 @@ def test_our_export_has_peft_keys_and_config(smollm2, hf_smollm2, tmp_path):
     assert cfg.rank_pattern == {"down_proj": 4} and cfg.layers_to_transform == tuple(range(0, 30, 2))
     peft_logits = hf_logits(theirs, TOKENS)
     assert rel_err(np.asarray(model.apply(frozen, loaded, TOKENS)), peft_logits) < 1e-4
-    theirs.unload()
 
 
 def test_round_trip_is_exact(smollm2, tmp_path):
@@ -91,16 +84,14 @@ def test_round_trip_is_exact(smollm2, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_merged_export_loads_in_transformers_with_the_same_logits(smollm2, tmp_path):
+def test_merged_export_loads_in_transformers_with_the_same_logits(smollm2, smollm2_tokenizer, tmp_path):
     model, frozen, tree = smollm2
-    from qlora_jax.io.hf import load_tokenizer
-
     hf_export.save_merged(
         str(tmp_path / "merged"),
         model.config,
         frozen,
         tree,
-        load_tokenizer(embedded_model_path()),
+        smollm2_tokenizer,
         dtype="float32",
         shard_bytes=200 * 2**20,
     )
@@ -108,8 +99,8 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(smollm2, tmp_p
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     assert rel_err(np.asarray(model.apply(frozen, tree, TOKENS)), hf_logits(ref, TOKENS)) < 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
-    original = load_tokenizer(embedded_model_path())
-    assert tok("The capital of France")["input_ids"] == original("The capital of France")["input_ids"]
+    text = "The capital of France"
+    assert tok(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"]
 
 
 def test_requantization_error_is_reported_and_nf4_sized(smollm2):

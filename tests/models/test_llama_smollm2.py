@@ -7,18 +7,15 @@ it is an independent reference for our loader as well as for the forward pass.
 from __future__ import annotations
 
 import copy
-import os
 
 import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from qlora_jax.compare.torch_reference import frozen_from_bnb, quantize_with_bnb
 from qlora_jax.generate import encode_prompt, generate
 from qlora_jax.io.gguf import embedded_model_path
-from qlora_jax.io.hf import load_tokenizer
 from qlora_jax.models import llama
 from qlora_jax.quant import nf4
 from tests.models.hf_reference import hf_logits, rel_err
@@ -34,28 +31,13 @@ CHATS = ["What is 7 times 8?", "Write one sentence about the moon."]
 # fp32 on both sides; 30 layers of different summation order give ~5e-6 of the largest logit.
 FP32_TOL = 1e-4
 
+# one xdist worker runs these: the fixtures they share are loaded once (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("smollm2")
+
 
 @pytest.fixture(scope="module")
 def path():
     return embedded_model_path()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(path):
-    return load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
-def hf(path):
-    directory, name = os.path.split(path)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def ours(path):
-    return llama.from_pretrained(path, quantization=None, dtype="float32")
 
 
 def _batch(tokenizer, texts):
@@ -68,16 +50,16 @@ def _batch(tokenizer, texts):
     return tokens, mask
 
 
-def test_config_read_from_gguf_matches_transformers(ours, hf):
-    cfg, ref = ours[0].config, hf.config
+def test_config_read_from_gguf_matches_transformers(smollm2_fp32, hf_smollm2):
+    cfg, ref = smollm2_fp32[0].config, hf_smollm2.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     assert cfg.rms_norm_eps == ref.rms_norm_eps and cfg.tie_word_embeddings
     assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
 
 
-def test_fp32_logits_match_transformers(ours, hf, tokenizer):
-    model, frozen = ours
-    _assert_same_logits(model, frozen, hf, tokenizer, "fp32")
+def test_fp32_logits_match_transformers(smollm2_fp32, hf_smollm2, smollm2_tokenizer):
+    model, frozen = smollm2_fp32
+    _assert_same_logits(model, frozen, hf_smollm2, smollm2_tokenizer, "fp32")
 
 
 def _assert_same_logits(model, frozen, ref_model, tokenizer, label):
@@ -99,9 +81,15 @@ def _bnb_nf4_copy(hf_model):
     return model
 
 
-def test_nf4_quantization_on_load_matches_bitsandbytes(path, hf):
-    _, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
-    ref_model = _bnb_nf4_copy(hf)
+@pytest.fixture(scope="module")
+def nf4_and_bnb(path, hf_smollm2):
+    """SmolLM2 loaded by us in NF4 (model, frozen) and the transformers copy quantized by bitsandbytes."""
+    model, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
+    return model, frozen, _bnb_nf4_copy(hf_smollm2)
+
+
+def test_nf4_quantization_on_load_matches_bitsandbytes(nf4_and_bnb, hf_smollm2):
+    _, frozen, ref_model = nf4_and_bnb
     ours = frozen["layers"]["mlp"]["up_proj"]["weight"]
     theirs = frozen_from_bnb(frozen, ref_model)["layers"]["mlp"]["up_proj"]["weight"]
     np.testing.assert_array_equal(ours.packed, theirs.packed)  # every 4-bit code, all 30 layers
@@ -109,7 +97,7 @@ def test_nf4_quantization_on_load_matches_bitsandbytes(path, hf):
     # 8-bit scale codes: bitsandbytes' CPU build searches the dynamic map approximately, so compare
     # with its reference kernel (the one its CUDA kernel agrees with) on the same float32 inputs
     for layer in range(ours.packed.shape[0]):
-        weight = hf.model.layers[layer].mlp.up_proj.weight.detach().numpy()
+        weight = hf_smollm2.model.layers[layer].mlp.up_proj.weight.detach().numpy()
         raw_absmax = np.asarray(nf4.quantize(weight, double_quant=False).absmax)
         scaled = torch.from_numpy(raw_absmax - np.asarray(ours.offset)[layer])
         codes, nested = bnb_reference_quantize_blockwise(scaled)
@@ -119,11 +107,10 @@ def test_nf4_quantization_on_load_matches_bitsandbytes(path, hf):
     print(f"8-bit scale codes differing from bitsandbytes' approximate CPU search: {differ:.1e}")
 
 
-def test_nf4_logits_match_transformers_with_bitsandbytes(path, hf, tokenizer):
-    model, frozen = llama.from_pretrained(path, quantization="nf4", dtype="float32")
-    ref_model = _bnb_nf4_copy(hf)
+def test_nf4_logits_match_transformers_with_bitsandbytes(nf4_and_bnb, smollm2_tokenizer):
+    model, frozen, ref_model = nf4_and_bnb
     frozen = frozen_from_bnb(frozen, ref_model)  # same dequantized weights
-    _assert_same_logits(model, frozen, ref_model, tokenizer, "NF4 (vs bitsandbytes)")
+    _assert_same_logits(model, frozen, ref_model, smollm2_tokenizer, "NF4 (vs bitsandbytes)")
 
 
 def _hf_greedy(hf_model, tokenizer, ids, n):
@@ -139,16 +126,15 @@ def _hf_greedy(hf_model, tokenizer, ids, n):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_greedy_generation_matches_transformers(ours, hf, tokenizer, chat):
-    model, frozen = ours
+def test_greedy_generation_matches_transformers(smollm2_fp32, hf_smollm2, smollm2_tokenizer, chat):
+    model, frozen = smollm2_fp32
     texts = CHATS if chat else PROMPTS
-    prompts = [encode_prompt(tokenizer, t, chat) for t in texts]
+    prompts = [encode_prompt(smollm2_tokenizer, t, chat) for t in texts]
     ours_out = generate(model, frozen, None, prompts, max_new_tokens=32)  # one left-padded batch
     for text, ids, got in zip(texts, prompts, ours_out, strict=True):
-        expected = _hf_greedy(hf, tokenizer, ids, 32)
-        assert got == expected, (
-            f"{text!r}:\n ours {tokenizer.decode(got)!r}\n  hf  {tokenizer.decode(expected)!r}"
-        )
+        expected = _hf_greedy(hf_smollm2, smollm2_tokenizer, ids, 32)
+        decode = smollm2_tokenizer.decode
+        assert got == expected, f"{text!r}:\n ours {decode(got)!r}\n  hf  {decode(expected)!r}"
 
 
 def test_generate_cli_chat_and_sampling(capsys):
