@@ -8,7 +8,8 @@ here. Run it after any change under qlora_jax/train, io, models or sharding, in 
 Per layout it trains a SmolLM2-135M-shaped HF checkpoint (random weights, written by transformers
 here, loaded through the safetensors path) on builtin:addition with checkpoints every 5 steps,
 evaluation and exact match with generation; runs the same recipe again, sends SIGTERM mid-run and
-resumes with resume=auto to the end, comparing every loss with the uninterrupted run; exports the
+resumes with resume=auto to the end, comparing the losses after the stop with the uninterrupted
+run's against the difference a plain repeat of the run shows (GPU noise between processes); exports the
 adapter as PEFT, Orbax and merged; generates with --adapter. Once, two fresh processes (the
 second with autotuning off, which changed the NF4 bytes before the fix) load the base and must
 give the same fingerprint. Independent runs of one layout go in parallel, and with --parallel the
@@ -31,9 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, STOP_AFTER = 20, 5, 8
 # Losses of the resumed run against the uninterrupted one: the same compiled step on the same
-# batches, RNG keys and state, so equal up to the GPU libraries' choices (cuBLAS/cuDNN algorithms
-# picked per process) in bf16: 1e-3 absolute on losses near 4-11 nats is ~1e-4 relative.
+# batches, RNG keys and state, so equal up to the GPU libraries' choices (cuBLAS algorithms picked
+# per process, so two plain runs differ from step 1 on) in bf16, which AdamW carries forward. A
+# third, plain repeat of the run measures that process-to-process noise in the same call; after
+# the stop the resumed run may differ by at most NOISE_FACTOR times the repeat's difference, or by
+# LOSS_TOLERANCE (1e-3 absolute on losses near 4-11 nats, ~1e-4 relative). A resume bug (a wrong
+# data position, RNG key or optimizer state) moves these losses by 1e-2 or more.
 LOSS_TOLERANCE = 1e-3
+NOISE_FACTOR = 2.0
 LAYOUTS = {
     "1 GPU": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1"]),
     "2 GPUs, mesh.data=2": ({}, ["--config.mesh.data=2"]),
@@ -145,13 +151,16 @@ def layout_checks(layout: str, base: str, work: str) -> list[dict[str, object]]:
     env = command_env(extra_env)
     tag = layout.replace(" ", "").replace(",", "_").replace("=", "")
     straight, stopped = os.path.join(work, f"{tag}_straight"), os.path.join(work, f"{tag}_stopped")
+    repeat = os.path.join(work, f"{tag}_repeat")
     logs = os.path.join(work, "logs")
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         a = pool.submit(run, train_cmd(base, straight, layout_args), f"{logs}/{tag}_straight.log", env)
         b = pool.submit(
             interrupted_run, train_cmd(base, stopped, layout_args), stopped, f"{logs}/{tag}_stopped.log", env
         )
+        c = pool.submit(run, train_cmd(base, repeat, layout_args), f"{logs}/{tag}_repeat.log", env)
         (code, out), (stop_code, stop_out, stop_step) = a.result(), b.result()
+        repeat_losses = losses(repeat) if c.result()[0] == 0 else {}
     results = []
     ckpt_dir = os.path.join(straight, "checkpoints")
     saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) if code == 0 else []
@@ -190,7 +199,13 @@ def layout_checks(layout: str, base: str, work: str) -> list[dict[str, object]]:
         train_cmd(base, stopped, layout_args, "--config.resume=auto"), f"{logs}/{tag}_resumed.log", env
     )
     resumed = losses(stopped) if resume_code == 0 else {}
-    diffs = [abs(resumed[s] - straight_losses[s]) for s in straight_losses if s in resumed]
+
+    def max_diff_after_stop(other: dict[int, float]) -> float | None:
+        diffs = [abs(other[s] - v) for s, v in straight_losses.items() if s > stop_step and s in other]
+        return max(diffs, default=None)
+
+    resume_diff, noise = max_diff_after_stop(resumed), max_diff_after_stop(repeat_losses)
+    tolerance = max(LOSS_TOLERANCE, NOISE_FACTOR * (noise or 0.0))
     exact = sum(resumed.get(s) == v for s, v in straight_losses.items())
     results.append(
         check(
@@ -199,12 +214,15 @@ def layout_checks(layout: str, base: str, work: str) -> list[dict[str, object]]:
             and resume_code == 0
             and f"resumed from step {stop_step}" in resume_out
             and sorted(resumed) == list(range(1, STEPS + 1))
-            and max(diffs, default=1.0) <= LOSS_TOLERANCE,
+            and noise is not None
+            and resume_diff is not None
+            and resume_diff <= tolerance,
             {
                 "stopped_after_step": stop_step,
                 "resume_exit": resume_code,
-                "max_abs_loss_diff_vs_uninterrupted": max(diffs, default=None),
-                "tolerance": LOSS_TOLERANCE,
+                "max_abs_loss_diff_after_stop_vs_uninterrupted": resume_diff,
+                "max_abs_loss_diff_after_stop_of_a_plain_repeat": noise,
+                "tolerance": tolerance,
                 "bitwise_equal_steps": f"{exact} of {len(straight_losses)}",
             }
             | ({} if resume_code == 0 and stopped_cleanly else {"log": tail(stop_out + resume_out)}),
