@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m qlora_jax.train --config configs/smollm2_demo.py --config.overwrite=True
 
+# pytest-xdist: two workers on a 2-CPU machine (at most 4 elsewhere: each holds its own models);
+# tests that share a loaded model are grouped onto one worker (xdist_group marks).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	# two workers on a 2-CPU machine (at most 4 elsewhere: each holds its own models); tests that
-	# share a loaded model are grouped onto one worker (xdist_group marks)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 clean:
