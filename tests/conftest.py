@@ -14,6 +14,8 @@ import tempfile
 
 import pytest
 
+from tests import cli_runner
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compilation cache for the session, shared with the CLI subprocesses (cli_env inherits
 # it): the many tiny runs compile the same programs, and each compiles once.
@@ -34,8 +36,9 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """A CLI command as a user runs it, from the repository root, its output captured."""
-    return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    """A CLI command as a user runs it, from the repository root, its output captured (in a fresh
+    process forked with the libraries already imported: tests/cli_runner.py)."""
+    return cli_runner.run(command, REPO, cli_env(), timeout)
 
 
 def train_command(*overrides: str) -> list[str]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, run_cli
 
 TOLERANCE = 1e-3
 
@@ -53,7 +52,7 @@ def test_compare_cli_matches_pytorch_step_by_step(tiny_model, tmp_path, quantiza
         "--config.compare.prompts=2",
         f"--config.output_dir={run}",
     ]
-    out = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    out = run_cli(command)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))

@@ -299,6 +299,9 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_m
         "error: loss nan, gradient norm nan at step 3: stopped (last checkpoint: step 2 in "
     )
     assert sorted(_rows(run)) == [1, 2]
+    # the failed run flushed its TensorBoard scalars too (the "loss" tag of steps 1 and 2)
+    events = [p for p in (run / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents")]
+    assert len(events) == 1 and b"loss" in events[0].read_bytes()
     assert sorted(os.listdir(run / "checkpoints")) == ["2"]
     assert TrainCheckpoints(str(run / "checkpoints")).record(2)["step"] == 2
     assert all(np.isfinite(x).all() for x in _saved_lora(run, 2))

@@ -153,6 +153,9 @@ def train_and_evaluate(run: RunConfig) -> dict[str, Any]:
                 if stop.received:
                     break
             logger.flush()
+        except BaseException:
+            writer.close()  # a failed run still flushes the TensorBoard scalars it logged
+            raise
         finally:
             logger.close()
             r.checkpointer.wait()

@@ -55,8 +55,10 @@ class MetricsWriter:
                 self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        """Flush and close both outputs; later writes and closes do nothing."""
         if not self.enabled:
             return
+        self.enabled = False
         self._file.close()
         if self._tb is not None:
             self._tb.close()

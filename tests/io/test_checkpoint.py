@@ -12,13 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli_env, tiny_run_overrides, train_command
+from tests.conftest import REPO, cli_env, run_cli, tiny_run_overrides, train_command
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        train_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
-    )
+def _run(*args: str) -> subprocess.CompletedProcess:
+    out = run_cli(train_command(*args))
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -59,14 +57,7 @@ def test_resume_refuses_a_different_base(other_tiny_model, tiny_run, tmp_path):
     """Same architecture, other weights: only the base fingerprint tells them apart."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    out = subprocess.run(
-        train_command(*tiny_run_overrides(other_tiny_model, run, 8), "--config.resume=auto"),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_cli(train_command(*tiny_run_overrides(other_tiny_model, run, 8), "--config.resume=auto"))
     assert out.returncode != 0 and "refusing to resume" in out.stderr
 
 
