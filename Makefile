@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m qlora_jax.train --config configs/smollm2_demo.py --config.overwrite=True
 
-# pytest-xdist: two workers on a 2-CPU machine (at most 4 elsewhere: each holds its own models);
-# tests that share a loaded model are grouped onto one worker (xdist_group marks).
+# pytest-xdist: two workers on a 2-CPU machine, at most 4 elsewhere (each loads its own models);
+# each test file runs on one worker, so its module fixtures are built once.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV)

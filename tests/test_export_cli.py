@@ -6,12 +6,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.conftest import run_cli
 
 
-@pytest.mark.xdist_group("tiny_run")  # with the other readers of the shared run
 def test_export_formats_from_a_run(tiny_run, tmp_path):
     run = Path(tiny_run)
     assert {"adapter_model.safetensors", "adapter_config.json", "orbax"} <= set(os.listdir(run / "adapter"))

@@ -34,7 +34,6 @@ def _adapter(run_dir) -> dict[str, np.ndarray]:
     return {name: f.read(name) for name in f.names()}
 
 
-@pytest.mark.xdist_group("tiny_run")  # with the other readers of the shared run
 def test_resume_from_the_middle_gives_the_same_losses_and_adapter(tiny_model, tiny_run, tmp_path):
     straight, resumed = tiny_run, tmp_path / "resumed"  # tiny_run: 6 steps, checkpoints at 3 and 6
     shutil.copytree(straight, resumed)
@@ -52,7 +51,6 @@ def test_resume_from_the_middle_gives_the_same_losses_and_adapter(tiny_model, ti
         np.testing.assert_allclose(_adapter(resumed)[name], value, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.xdist_group("tiny_run")  # with the other readers of the shared run
 def test_resume_refuses_a_different_base(other_tiny_model, tiny_run, tmp_path):
     """Same architecture, other weights: only the base fingerprint tells them apart."""
     run = tmp_path / "run"

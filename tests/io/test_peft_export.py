@@ -27,9 +27,6 @@ CFG = lora_lib.LoraConfig(
 )
 TOKENS = np.array([[1, 504, 3458, 282, 4649, 314, 3420, 28, 284, 3458, 282, 4649, 314]], np.int32)
 
-# one xdist worker runs these: the fixtures they share are loaded once (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("smollm2")
-
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_fp32):

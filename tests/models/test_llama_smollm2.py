@@ -31,9 +31,6 @@ CHATS = ["What is 7 times 8?", "Write one sentence about the moon."]
 # fp32 on both sides; 30 layers of different summation order give ~5e-6 of the largest logit.
 FP32_TOL = 1e-4
 
-# one xdist worker runs these: the fixtures they share are loaded once (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("smollm2")
-
 
 @pytest.fixture(scope="module")
 def path():
