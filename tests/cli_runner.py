@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,19 +67,63 @@ def _run_command(argv: list[str], env: dict[str, str], cwd: str, stdout: str, st
         runpy.run_path(argv[1], run_name="__main__")
 
 
+class Launched:
+    """A forked command while it runs: the part of subprocess.Popen the tests use (poll, wait,
+    send_signal, kill, communicate, returncode), its output collected in files until it ends."""
+
+    def __init__(self, command: list[str], cwd: str, env: dict[str, str]):
+        self.args = command
+        self._tmp = tempfile.TemporaryDirectory()
+        self._stdout = os.path.join(self._tmp.name, "stdout")
+        self._stderr = os.path.join(self._tmp.name, "stderr")
+        self._process = _forkserver().Process(
+            target=_run_command, args=(command, env, cwd, self._stdout, self._stderr)
+        )
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """(stdout, stderr) once the command has ended; on timeout it is killed, as run() does."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+            raise
+        with open(self._stdout) as out, open(self._stderr) as err:
+            return out.read(), err.read()
+
+
+def start(command: list[str], cwd: str, env: dict[str, str]) -> Launched | subprocess.Popen:
+    """subprocess.Popen(command, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, text=True), forked
+    from the preloaded process when the command is `python -m module` or `python script.py`."""
+    if command[0] == sys.executable and (command[1] == "-m" or command[1].endswith(".py")):
+        return Launched(command, cwd, env)
+    pipe = subprocess.PIPE
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True)
+
+
 def run(command: list[str], cwd: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
     """subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)."""
-    forkable = command[0] == sys.executable and (command[1] == "-m" or command[1].endswith(".py"))
-    if not forkable:
-        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    with tempfile.TemporaryDirectory() as tmp:
-        stdout, stderr = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        process = _forkserver().Process(target=_run_command, args=(command, env, cwd, stdout, stderr))
-        process.start()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(command, timeout)
-        with open(stdout) as out, open(stderr) as err:
-            return subprocess.CompletedProcess(command, process.exitcode, out.read(), err.read())
+    process = start(command, cwd, env)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -41,6 +41,12 @@ def run_cli(command: list[str], timeout: int = 600) -> subprocess.CompletedProce
     return cli_runner.run(command, REPO, cli_env(), timeout)
 
 
+def start_cli(command: list[str], env: dict[str, str] | None = None):
+    """A CLI command started as run_cli starts it, still running: a Popen-like handle (poll, wait,
+    send_signal, kill, communicate) for tests that stop it or run several side by side."""
+    return cli_runner.start(command, REPO, env or cli_env())
+
+
 def train_command(*overrides: str) -> list[str]:
     """`python -m qlora_jax.train` on the demo recipe with overrides."""
     return [
@@ -111,16 +117,30 @@ def smollm2_fp32():
 
 @pytest.fixture(scope="session")
 def hf_smollm2():
-    """The embedded SmolLM2-135M-Instruct in transformers (float32, eval mode): the reference."""
+    """The embedded SmolLM2-135M-Instruct in transformers (float32, eval mode): the reference.
+
+    transformers' GGUF loader parses the file twice and rebuilds gguf's tensor-name map once per
+    tensor (25 of its 30 s here); both are pure functions of their arguments, so they are
+    memoized while it loads. The weights and config it builds are unchanged.
+    """
+    import functools
+    from unittest import mock
+
+    import gguf
     import torch
     import transformers
 
     from qlora_jax.io.gguf import embedded_model_path
 
     directory, name = os.path.split(embedded_model_path())
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32
-    ).eval()
+    with (
+        mock.patch.object(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader)),
+        mock.patch.object(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map)),
+    ):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=torch.float32
+        )
+    return model.eval()
 
 
 def tiny_run_overrides(model_path: str, run_dir: str, steps: int) -> list[str]:

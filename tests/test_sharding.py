@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import subprocess
 
 import jax
 import numpy as np
@@ -19,7 +18,7 @@ from qlora_jax.quant.nf4 import dequantize
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.metrics import read_metrics
 from qlora_jax.train.optim import OptimConfig, make_optimizer
-from tests.conftest import cli_env, tiny_run_overrides, train_command
+from tests.conftest import cli_env, start_cli, tiny_run_overrides, train_command
 from tests.models.hf_reference import small_config
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (CPU) devices")
@@ -162,16 +161,14 @@ def test_batch_rows_must_split_over_data_and_fsdp():
         sharding.shard_batch(mesh, {"inputs": np.zeros((6, 4), np.int32)})
 
 
-def _cli(tiny_model, run_dir, *overrides, devices: int = 1, env_extra=None) -> subprocess.Popen:
+def _cli(tiny_model, run_dir, *overrides, devices: int = 1, env_extra=None):
     env = cli_env() | (env_extra or {})
     env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
     args = tiny_run_overrides(tiny_model, str(run_dir), 4) + ["--config.lora.dropout=0.0", *overrides]
-    return subprocess.Popen(
-        train_command(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return start_cli(train_command(*args), env)
 
 
-def _losses(run_dir, *processes: subprocess.Popen) -> list[float]:
+def _losses(run_dir, *processes) -> list[float]:
     for p in processes:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, cli_env, run_cli, tiny_run_overrides, train_command
+from tests.conftest import run_cli, start_cli, tiny_run_overrides, train_command
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -59,21 +59,16 @@ def test_resume_refuses_a_different_base(other_tiny_model, tiny_run, tmp_path):
     assert out.returncode != 0 and "refusing to resume" in out.stderr
 
 
-def _start(run_dir, model, steps: int, every: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_command(*tiny_run_overrides(model, run_dir, steps), f"--config.checkpoint.every={every}"),
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def _start(run_dir, model, steps: int, every: int):
+    return start_cli(
+        train_command(*tiny_run_overrides(model, run_dir, steps), f"--config.checkpoint.every={every}")
     )
 
 
 def _wait_for(predicate, proc, timeout=300):
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
 

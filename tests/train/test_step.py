@@ -59,7 +59,9 @@ def test_offloaded_optimizer_state_lives_in_pinned_host_and_gives_the_same_updat
         train_step = step_lib.make_train_step(
             model, LORA, cfg, optimizer, step_lib.default_shardings(optimizer.init(tree)) if offload else None
         )
-        lora = jax.tree.map(jnp.array, tree)
+        lora = jax.device_put(
+            tree, step_lib.default_shardings(tree), may_alias=False
+        )  # committed: one compile
         for i in range(3):
             lora, state, _ = train_step(lora, state, frozen, _batch(np.random.default_rng(i), (2, 8)), None)
         kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
@@ -122,14 +124,13 @@ def test_saved_residuals_hold_no_dequantized_weight(monkeypatch):
 
 
 def _grad_temp_bytes(num_layers: int) -> int:
-    model, frozen, tree = _setup(
-        quantization="nf4",
-        num_layers=num_layers,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_heads=8,
-        num_kv_heads=8,
+    """The compiled gradient's temp bytes, lowered on the frozen tree's shapes (never built)."""
+    cfg = small_config(
+        num_layers=num_layers, hidden_size=512, intermediate_size=1024, num_heads=8, num_kv_heads=8
     )
+    model = llama.Llama(cfg.replace(dtype="float32"))
+    frozen = jax.eval_shape(lambda: llama.random_init(cfg, quantization="nf4", dtype="float32")[1])
+    tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORA)
     batch = _batch(np.random.default_rng(0), (1, 8))
     fn = jax.jit(jax.grad(lambda lo, fr: step_lib.loss_sum(model, LORA, lo, fr, batch, None)[0]))
     return fn.lower(tree, frozen).compile().memory_analysis().temp_size_in_bytes
