@@ -1,11 +1,13 @@
-"""QLoRA training throughput and memory, qlora_jax vs the PyTorch stack, same shapes, same call.
+"""QLoRA training throughput and memory: qlora_jax, the PyTorch stack (transformers + peft +
+bitsandbytes) and Unsloth, same shapes, same call.
 
 Each (framework, shape) runs in its own process; one JSON line per run is appended to
-<out>/throughput.jsonl. Both sides: NF4 + double quant base (random weights of the preset's
+<out>/throughput.jsonl. Every side: NF4 + double quant base (random weights of the preset's
 shape, quantized on the GPU), LoRA r=16 alpha=32 on all 7 projections, gradient checkpointing
-(remat "full"), AdamW (paged on PyTorch; offloaded state on qlora_jax where asked), bf16 compute,
-random tokens. Usage:
-  python experiments/bench_throughput.py --shapes smollm2-135m:8x512,llama2-7b:1x2048 --out $OUT
+(qlora_jax: --remat; PyTorch: HF's; Unsloth: its "unsloth" offloading mode), AdamW (paged on the
+PyTorch sides; offloaded state on qlora_jax where asked), bf16 compute, random tokens. Usage:
+  python experiments/bench_throughput.py --shapes smollm2-135m:8x512,llama2-7b:1x2048 \
+      --frameworks qlora_jax,torch,unsloth --out $OUT
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def run_jax(
     offload: bool,
     loss_chunk: int,
     quantization: str,
+    seq_tile: int = 0,
+    warmup: int = 3,
 ) -> dict:
     import jax
 
@@ -47,6 +51,7 @@ def run_jax(
         quantization=None if quantization == "none" else quantization,
         dtype="bfloat16",
         remat_policy=remat,
+        seq_tile=seq_tile,
     )
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
@@ -61,7 +66,7 @@ def run_jax(
     data = jax.device_put(
         {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
-    step, metrics = time_train_step(train_step, tree, state, frozen, data, steps)
+    step, metrics = time_train_step(train_step, tree, state, frozen, data, steps, warmup)
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "framework": "qlora_jax",
@@ -73,20 +78,42 @@ def run_jax(
         "remat": remat,
         "loss_chunk": loss_chunk,
         "quantization": quantization,
+        "seq_tile": seq_tile,
         "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
     }
+
+
+def framework_command(framework: str, name: str, batch: int, seq: int, a: argparse.Namespace) -> list[str]:
+    """The child process that measures one framework on one shape (its own process: own peak)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if framework == "qlora_jax":
+        flags = ("r", "steps", "warmup", "remat", "offload", "loss_chunk", "quantization", "seq_tile")
+        return [__file__, "--child", f"{name}:{batch}x{seq}", *(f"--{k}={getattr(a, k)}" for k in flags)]
+    script = {"torch": "bench_torch.py", "unsloth": "bench_unsloth.py"}[framework]
+    cmd = [os.path.join(here, script), f"--preset={name}", f"--batch={batch}", f"--seq={seq}", f"--r={a.r}"]
+    cmd += [f"--steps={a.steps}", f"--warmup={a.warmup}"]
+    return cmd + ([f"--model_dir={a.model_dir}"] if framework == "unsloth" else [])
+
+
+def framework_env(framework: str) -> dict[str, str]:
+    """The PyTorch sides keep JAX (imported for the presets) off the GPU."""
+    return dict(os.environ) | ({} if framework == "qlora_jax" else {"JAX_PLATFORMS": "cpu"})
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="preset:BxT,... ")
-    p.add_argument("--frameworks", default="qlora_jax,torch")
+    p.add_argument("--frameworks", default="qlora_jax,torch,unsloth")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the compile is in step 1)")
     p.add_argument("--remat", default="full")
     p.add_argument("--offload", type=int, default=0, help="qlora_jax: optimizer state in pinned host memory")
     p.add_argument("--loss_chunk", type=int, default=1024, help="qlora_jax: tokens per cross-entropy chunk")
     p.add_argument("--quantization", default="nf4", help="qlora_jax: nf4 | none (dense bf16: a ceiling)")
+    p.add_argument("--seq_tile", type=int, default=0, help="qlora_jax: MLP sequence tile (0: whole)")
+    p.add_argument("--model_dir", default=".bench_models", help="unsloth: where its random models are saved")
+    p.add_argument("--call", default="", help="call id shared by the rows (default: now)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--child", default="", help="internal: preset:BxT to run in this process")
     a = p.parse_args()
@@ -94,7 +121,17 @@ def main() -> None:
         name, shape = a.child.split(":")
         batch, seq = (int(v) for v in shape.split("x"))
         result = run_jax(
-            name, batch, seq, a.r, a.steps, a.remat, bool(a.offload), a.loss_chunk, a.quantization
+            name,
+            batch,
+            seq,
+            a.r,
+            a.steps,
+            a.remat,
+            bool(a.offload),
+            a.loss_chunk,
+            a.quantization,
+            a.seq_tile,
+            a.warmup,
         )
         child_runs.report(result)
         return
@@ -103,43 +140,14 @@ def main() -> None:
     from qlora_jax.models.presets import preset
 
     gpu = jax.devices()[0].device_kind
-    call_id = datetime.datetime.now().isoformat(timespec="seconds")  # rows of one invocation share it
+    call_id = a.call or datetime.datetime.now().isoformat(timespec="seconds")  # rows of one call share it
     os.makedirs(a.out, exist_ok=True)
     for spec in a.shapes.split(","):
         name, shape = spec.split(":")
         batch, seq = (int(v) for v in shape.split("x"))
         for framework in a.frameworks.split(","):
-            here = os.path.dirname(os.path.abspath(__file__))
-            if framework == "qlora_jax":
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    spec,
-                    f"--r={a.r}",
-                    f"--steps={a.steps}",
-                    f"--remat={a.remat}",
-                    f"--offload={a.offload}",
-                    f"--loss_chunk={a.loss_chunk}",
-                    f"--quantization={a.quantization}",
-                ]
-            else:
-                cmd = [
-                    sys.executable,
-                    os.path.join(here, "bench_torch.py"),
-                    "--preset",
-                    name,
-                    "--batch",
-                    str(batch),
-                    "--seq",
-                    str(seq),
-                    "--r",
-                    str(a.r),
-                    "--steps",
-                    str(a.steps),
-                ]
-            env = os.environ | ({"JAX_PLATFORMS": "cpu"} if framework == "torch" else {})
-            row = {"framework": framework} | child_runs.run(cmd, env)
+            cmd = framework_command(framework, name, batch, seq, a)
+            row = {"framework": framework} | child_runs.run([sys.executable, *cmd], framework_env(framework))
             params = preset(name).num_params
             row |= {
                 "shape": name,

@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args()
     cfg = preset(a.preset)
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(a.steps + 3):
+    for i in range(a.steps + a.warmup):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -78,7 +79,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= 3:
+        if i >= a.warmup:
             times.append(time.perf_counter() - start)
     times.sort()
     step = times[len(times) // 2]

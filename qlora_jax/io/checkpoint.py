@@ -9,6 +9,7 @@ saved: the record holds its path and a fingerprint, and resuming on another base
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,9 +24,17 @@ from jax.experimental import multihost_utils
 from qlora_jax.models.config import LlamaConfig
 
 
+def _architecture(model_cfg: LlamaConfig) -> str:
+    """The config's repr with how-to-run fields neutralized, as fingerprints have always hashed it;
+    seq_tile, added later, is left out so that older checkpoints still match their base."""
+    cfg = model_cfg.replace(dtype="-", remat_policy="none")
+    fields = [f.name for f in dataclasses.fields(cfg) if f.name != "seq_tile"]
+    return f"{type(cfg).__qualname__}({', '.join(f'{name}={getattr(cfg, name)!r}' for name in fields)})"
+
+
 def base_fingerprint(model_cfg: LlamaConfig, frozen: Any) -> str:
     """sha256 over the architecture and a sample of every frozen leaf (first and last 4 KiB)."""
-    digest = hashlib.sha256(json.dumps(model_cfg.replace(dtype="-", remat_policy="none").__repr__()).encode())
+    digest = hashlib.sha256(json.dumps(_architecture(model_cfg)).encode())
     for leaf in jax.tree.leaves(frozen):
         flat = np.asarray(leaf).reshape(-1).view(np.uint8)
         digest.update(str(leaf.shape).encode())
@@ -73,6 +82,7 @@ class TrainCheckpoints:
         self.directory = os.path.abspath(directory)  # orbax needs absolute
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # the step whose async write may still fail
+        self._failed = False  # a write failed (and CheckpointWriteError was raised)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -114,7 +124,7 @@ class TrainCheckpoints:
         try:
             write()
         except Exception as err:
-            step, self._in_flight = self._in_flight, None
+            step, self._in_flight, self._failed = self._in_flight, None, True
             raise CheckpointWriteError(
                 f"checkpoint step {step} could not be written to {self.directory}: {err}; "
                 f"the latest complete checkpoint is step {self.latest_step()} (continue from it "
@@ -122,7 +132,12 @@ class TrainCheckpoints:
             ) from err
 
     def close(self) -> None:
-        self.manager.close()
+        """Stop orbax's background workers, so none is left running when the process exits."""
+        try:
+            self.manager.close()
+        except Exception:
+            if not self._failed:  # else it is the failed write's error again, already raised
+                raise
 
 
 def check_same_base(record: dict[str, Any], fingerprint: str, path: str) -> None:

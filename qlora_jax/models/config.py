@@ -10,6 +10,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = (
     "none",  # keep every activation (no rematerialization)
     "full",  # save only the layer inputs, recompute the rest in backward
+    "offload",  # as full, with the saved layer inputs in pinned host memory (copies overlap compute)
     "dots_saveable",  # keep matmul outputs, recompute elementwise work
     "dots_with_no_batch_dims_saveable",  # keep weight matmul outputs, recompute attention
 )
@@ -57,6 +58,7 @@ class LlamaConfig:
     scan_layers: bool = True  # False unrolls the layer loop (longer compile, sometimes faster)
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: cuDNN flash attention on GPU when it applies, else XLA
+    seq_tile: int = 0  # > 0: run the MLP over tiles of this many tokens (long context); 0: whole
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -67,6 +69,8 @@ class LlamaConfig:
             )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} unknown; valid: {REMAT_POLICIES}")
+        if self.seq_tile < 0:
+            raise ValueError(f"seq_tile {self.seq_tile} must be >= 0 (0: no tiling)")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
 

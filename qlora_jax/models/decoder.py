@@ -14,14 +14,23 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.models import attention
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.linear import Linear, dense_weight
 from qlora_jax.models.rope import apply_rope, cos_sin
 
+LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input (the residual stream)
 REMAT_POLICY_FNS = {
     "full": jax.checkpoint_policies.nothing_saveable,
+    # as "full", but the saved layer inputs wait for backward in pinned host memory, not HBM
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -117,15 +126,31 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Called as (carry, x) -> (carry, y) so that the same
+    module (and its variable paths) can be scanned over sequence tiles (DecoderLayer)."""
+
     cfg: LlamaConfig
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
         dtype = jnp.dtype(self.cfg.dtype)
         gate = Linear(dtype, self.lora_dropout, name="gate_proj")(x)
         up = Linear(dtype, self.lora_dropout, name="up_proj")(x)
-        return Linear(dtype, self.lora_dropout, name="down_proj")(nn.silu(gate) * up)
+        return carry, Linear(dtype, self.lora_dropout, name="down_proj")(nn.silu(gate) * up)
+
+
+def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:
+    """(B, T, D) -> (n, B, tile, D), the sequence zero-padded to a multiple of `tile`."""
+    batch, length, width = x_BxTxD.shape
+    n = -(-length // tile)
+    x = jnp.pad(x_BxTxD, ((0, 0), (0, n * tile - length), (0, 0)))
+    return x.reshape(batch, n, tile, width).swapaxes(0, 1)
+
+
+def _untile(y_NxBxtxD: jax.Array, length: int) -> jax.Array:
+    n, batch, tile, width = y_NxBxtxD.shape
+    return y_NxBxtxD.swapaxes(0, 1).reshape(batch, n * tile, width)[:, :length]
 
 
 class DecoderLayer(nn.Module):
@@ -135,14 +160,25 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = checkpoint_name(x, LAYER_INPUT)
         h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), layer_cache, ctx
         )
         x = x + h
-        x = x + MLP(cfg, self.lora_dropout, name="mlp")(
-            RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+        normed = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+        tile = cfg.seq_tile
+        if not tile or x.shape[1] <= tile:
+            return x + MLP(cfg, self.lora_dropout, name="mlp")(None, normed)[1], layer_cache
+        # Sequence-tiled MLP: each tile recomputed in its own backward, so only one tile's
+        # (tile, intermediate) activations are ever live; the weights are shared by every tile.
+        tiled_mlp = nn.scan(
+            nn.remat(MLP, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False),
+            variable_broadcast=["frozen", "lora"],
+            split_rngs={"dropout": True},
+            length=-(-x.shape[1] // tile),
         )
-        return x, layer_cache
+        _, y = tiled_mlp(cfg, self.lora_dropout, name="mlp")(None, _tiles(normed, tile))
+        return x + _untile(y, x.shape[1]), layer_cache
 
 
 class Decoder(nn.Module):

@@ -25,12 +25,17 @@ def check_tokenizer(tokenizer: Any, tokenizer_path: str, model_cfg: LlamaConfig,
         )
 
 
+def runtime(m: ModelSettings) -> dict[str, Any]:
+    """How to run the model (LlamaConfig's runtime fields), from the model settings."""
+    return {"remat_policy": m.remat_policy, "seq_tile": m.seq_tile}
+
+
 def open_model(run: RunConfig) -> tuple[str, LlamaConfig, Any]:
     """(model path, architecture, tokenizer), all cheap to read; the settings are checked against the
     architecture (config.json / GGUF metadata) so a bad value stops before any weight is read."""
     m = run.model
     path = m.path or embedded_model_path()
-    model_cfg = PRESETS[path] if path in PRESETS else load_config(path, remat_policy=m.remat_policy)
+    model_cfg = PRESETS[path] if path in PRESETS else load_config(path, **runtime(m))
     check_against_model(run, model_cfg)
     tokenizer_path = m.tokenizer or ("" if path in PRESETS else path)
     if not tokenizer_path:
@@ -42,10 +47,9 @@ def open_model(run: RunConfig) -> tuple[str, LlamaConfig, Any]:
 
 def load_weights(m: ModelSettings, path: str, seed: int) -> tuple[Llama, Any]:
     """(model, frozen): random weights for a preset name, else streamed and quantized from the file."""
-    runtime = {"remat_policy": m.remat_policy}
     if path in PRESETS:
-        return llama.random_init(path, m.quantization, m.dtype, seed=seed, **runtime)
-    return llama.from_pretrained(path, m.quantization, m.dtype, **runtime)
+        return llama.random_init(path, m.quantization, m.dtype, seed=seed, **runtime(m))
+    return llama.from_pretrained(path, m.quantization, m.dtype, **runtime(m))
 
 
 def load_model(run: RunConfig) -> tuple[Llama, Any, Any]:

@@ -35,6 +35,7 @@ class ModelSettings:
     quantization: Quantization
     dtype: str
     remat_policy: str
+    seq_tile: int  # tokens per MLP tile (0: whole sequence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.block_size": _one_of(BLOCK_SIZES),
     "model.dtype": _one_of(("bfloat16", "float16", "float32")),
     "model.remat_policy": _one_of(REMAT_POLICIES),
+    "model.seq_tile": _int_at_least(0),
     "lora.r": _int_at_least(1),
     "lora.alpha": _number(0, _INF, low_open=True),
     "lora.dropout": _number(0, 1),

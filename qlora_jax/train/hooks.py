@@ -110,9 +110,14 @@ class Checkpointer:
         self.steps.save(record["step"], state, record)
         self.last_saved = record["step"]
 
-    def wait(self) -> None:
-        if self.steps is not None:
+    def close(self) -> None:
+        """Wait for the last write (CheckpointWriteError if it failed), then stop the writer."""
+        if self.steps is None:
+            return
+        try:
             self.steps.wait()
+        finally:
+            self.steps.close()
 
 
 class MetricLogger:

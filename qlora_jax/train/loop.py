@@ -158,7 +158,7 @@ def train_and_evaluate(run: RunConfig) -> dict[str, Any]:
             raise
         finally:
             logger.close()
-            r.checkpointer.wait()
+            r.checkpointer.close()
     if stop.received:
         writer.close()
         step = int(r.state.step)

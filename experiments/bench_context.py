@@ -1,0 +1,79 @@
+"""Context capacity: how long a sequence each framework trains on one GPU, and at what memory.
+
+Llama-3-8B shape, LoRA r=32 on all 7 projections, batch 1, NF4 + double quant, random tokens.
+Each (framework, length) runs in its own process (bench_throughput.py's children): one untimed
+step (the compile) and --steps timed ones. One row per run is appended to
+<out>/context.jsonl with framework, seq, rank, fits, tokens_per_s, peak_mem_gib, gpu and call
+(the rows of one invocation share it; pass --call to continue one over several device commands).
+Lengths go up in order; a framework that runs out of memory at one length is not tried longer.
+  python experiments/bench_context.py --seqs 16384,32768,65536 --frameworks qlora_jax,unsloth --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import child_runs
+from bench_throughput import framework_command, framework_env
+
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "ran out of memory")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--seqs", default="16384,32768,65536,131072,262144,342733")
+    p.add_argument("--frameworks", default="qlora_jax,unsloth")
+    p.add_argument("--r", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1, help="timed steps after one untimed (compile) step")
+    p.add_argument("--remat", default="offload")
+    p.add_argument("--offload", type=int, default=1)
+    p.add_argument("--loss_chunk", type=int, default=1024)
+    p.add_argument("--seq_tile", type=int, default=8192)
+    p.add_argument("--quantization", default="nf4")
+    p.add_argument("--model_dir", default=".bench_models")
+    p.add_argument("--call", default="")
+    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    a = p.parse_args()
+    a.warmup = 1
+    import jax
+
+    gpu = jax.devices()[0].device_kind
+    call_id = a.call or datetime.datetime.now().isoformat(timespec="seconds")
+    os.makedirs(a.out, exist_ok=True)
+    for framework in a.frameworks.split(","):
+        for seq in (int(s) for s in a.seqs.split(",")):
+            cmd = framework_command(framework, a.shape, 1, seq, a)
+            result = child_runs.run([sys.executable, *cmd], framework_env(framework))
+            error = result.pop("error", None)
+            row = {
+                "framework": framework,
+                "shape": a.shape,
+                "batch": 1,
+                "seq": seq,
+                "rank": a.r,
+                "fits": error is None,
+                "tokens_per_s": result.get("tokens_per_s"),
+                "peak_mem_gib": result.get("peak_mem_gib"),
+                "gpu": gpu,
+                "call": call_id,
+                "date": datetime.date.today().isoformat(),
+            }
+            row |= {k: v for k, v in result.items() if k not in row}
+            if error is not None:
+                row["oom"] = any(m in error for m in OOM_MARKERS)
+                row["error"] = error[-600:]
+            with open(os.path.join(a.out, "context.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            shown = ("framework", "seq", "fits", "tokens_per_s", "peak_mem_gib")
+            print(json.dumps({k: row[k] for k in shown}), flush=True)
+            if error is not None:
+                break
+
+
+if __name__ == "__main__":
+    main()
