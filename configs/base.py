@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.double_quant = True  # quantize the block scales too (QLoRA)
     c.model.dtype = "bfloat16"  # compute dtype and storage of embeddings / dense weights
     c.model.remat_policy = "full"  # none | full | offload | dots_saveable | dots_with_no_batch_dims_saveable
-    c.model.seq_tile = 0  # > 0: MLP over tiles of this many tokens (long context); 0 = whole sequence
+    c.model.seq_tile = 8192  # MLP over tiles of this many tokens when longer (long context); 0 = never
 
     c.lora = ml_collections.ConfigDict()
     c.lora.r = 16  # adapter rank
