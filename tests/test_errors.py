@@ -390,9 +390,9 @@ def test_disk_full_during_a_run_reports_it_and_resume_continues(tiny_model, tmp_
     )
     overrides = [*tiny_run_overrides(tiny_model, run, 8), "--config.checkpoint.every=2"]
     out = _train(command=[sys.executable, str(driver), *train_command(*overrides)[3:]])
-    assert out.returncode == 1
+    assert out.returncode == 1, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: checkpoint step 4 could not be written to ")
+    assert line.startswith("error: checkpoint step 4 could not be written to "), out.stderr[-3000:]
     assert "No space left on device" in line and "the latest complete checkpoint is step 2" in line
     resumed = _train(
         *tiny_run_overrides(tiny_model, run, 6), "--config.checkpoint.every=2", "--config.resume=auto"

@@ -127,9 +127,15 @@ class TrainCheckpoints:
             step, self._in_flight, self._failed = self._in_flight, None, True
             raise CheckpointWriteError(
                 f"checkpoint step {step} could not be written to {self.directory}: {err}; "
-                f"the latest complete checkpoint is step {self.latest_step()} (continue from it "
+                f"the latest complete checkpoint is step {self._latest_on_disk()} (continue from it "
                 "with --config.resume=auto once the cause, e.g. a full disk, is fixed)"
             ) from err
+
+    def _latest_on_disk(self) -> int | None:
+        """The newest complete step from the directory itself (orbax renames a step's directory
+        into place once written): asking the manager after a failed write may raise again."""
+        steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+        return max(steps, default=None)
 
     def close(self) -> None:
         """Stop orbax's background workers, so none is left running when the process exits."""
