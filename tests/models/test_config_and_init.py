@@ -90,16 +90,16 @@ def test_llama_config_is_hashable_for_jit():
     assert hash(small_config()) == hash(small_config()) and isinstance(small_config(), LlamaConfig)
 
 
-def test_base_fingerprint_is_the_same_in_a_second_process(tiny_model):
+def test_base_fingerprint_is_the_same_in_a_second_process(tiny_model, tmp_path):
     """Resume compares the base's fingerprint across processes: random init and loading must give
     the same NF4 bytes in a fresh process (on the GPU the double-quant offset once did not)."""
-    import subprocess
     import sys
 
     from qlora_jax.io.checkpoint import base_fingerprint
-    from tests.conftest import REPO, cli_env
+    from tests.conftest import run_cli
 
-    script = (
+    script = tmp_path / "fingerprints.py"
+    script.write_text(
         "import sys\n"
         "from qlora_jax.io.checkpoint import base_fingerprint\n"
         "from qlora_jax.models import llama\n"
@@ -109,9 +109,7 @@ def test_base_fingerprint_is_the_same_in_a_second_process(tiny_model):
         "model, frozen = llama.from_pretrained(sys.argv[1], 'nf4')\n"
         "print(base_fingerprint(model.config, frozen))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script, tiny_model], cwd=REPO, env=cli_env(), capture_output=True, text=True
-    )
+    out = run_cli([sys.executable, str(script), tiny_model])
     assert out.returncode == 0, out.stderr[-3000:]
     model, frozen = llama.random_init(small_config(num_layers=2), seed=3)
     loaded_model, loaded = llama.from_pretrained(tiny_model, "nf4")
