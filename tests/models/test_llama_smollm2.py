@@ -122,11 +122,10 @@ def _hf_greedy(hf_model, tokenizer, ids, n):
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_greedy_generation_matches_transformers(smollm2_fp32, hf_smollm2, smollm2_tokenizer, chat):
+def test_greedy_generation_matches_transformers(smollm2_fp32, hf_smollm2, smollm2_tokenizer):
     model, frozen = smollm2_fp32
-    texts = CHATS if chat else PROMPTS
-    prompts = [encode_prompt(smollm2_tokenizer, t, chat) for t in texts]
+    texts = PROMPTS + CHATS  # plain prompts and chat-template prompts
+    prompts = [encode_prompt(smollm2_tokenizer, t, t in CHATS) for t in texts]
     ours_out = generate(model, frozen, None, prompts, max_new_tokens=32)  # one left-padded batch
     for text, ids, got in zip(texts, prompts, ours_out, strict=True):
         expected = _hf_greedy(hf_smollm2, smollm2_tokenizer, ids, 32)
