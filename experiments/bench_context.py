@@ -1,8 +1,9 @@
 """Context capacity: how long a sequence each framework trains on one GPU, and at what memory.
 
 Llama-3-8B shape, LoRA r=32 on all 7 projections, batch 1, NF4 + double quant, random tokens.
-Each (framework, length) runs in its own process (bench_throughput.py's children): one untimed
-step (the compile) and --steps timed ones. One row per run is appended to
+Each (framework, length) runs in its own process (bench_throughput.py's children): --warmup
+untimed steps (default 1; 0 where a step takes minutes: qlora_jax compiles ahead of time, outside
+the timing) and --steps timed ones. One row per run is appended to
 <out>/context.jsonl with framework, seq, rank, fits, tokens_per_s, peak_mem_gib, gpu and call
 (the rows of one invocation share it; pass --call to continue one over several device commands).
 Lengths go up in order; a framework that runs out of memory at one length is not tried longer.
@@ -29,7 +30,8 @@ def main() -> None:
     p.add_argument("--seqs", default="16384,32768,65536,131072,262144,342733")
     p.add_argument("--frameworks", default="qlora_jax,unsloth")
     p.add_argument("--r", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1, help="timed steps after one untimed (compile) step")
+    p.add_argument("--steps", type=int, default=1, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile is before them)")
     p.add_argument("--remat", default="offload")
     p.add_argument("--offload", type=int, default=1)
     p.add_argument("--loss_chunk", type=int, default=1024)
@@ -39,7 +41,6 @@ def main() -> None:
     p.add_argument("--call", default="")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     a = p.parse_args()
-    a.warmup = 1
     import jax
 
     gpu = jax.devices()[0].device_kind
