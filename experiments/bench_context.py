@@ -64,6 +64,8 @@ def main() -> None:
                 "call": call_id,
                 "date": datetime.date.today().isoformat(),
             }
+            if framework == "qlora_jax":  # its settings, also on rows whose run failed
+                row |= {"remat": a.remat, "seq_tile": a.seq_tile, "offload_state": bool(a.offload)}
             row |= {k: v for k, v in result.items() if k not in row}
             if error is not None:
                 row["oom"] = any(m in error for m in OOM_MARKERS)

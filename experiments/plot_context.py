@@ -13,7 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 def label(row: dict) -> str:
     if row["framework"] != "qlora_jax":
         return row["framework"]
-    return f"qlora_jax remat={row.get('remat')} seq_tile={row.get('seq_tile')}"
+    if "remat" not in row:  # a failed run before its settings were recorded
+        return "qlora_jax (settings not recorded)"
+    return f"qlora_jax remat={row['remat']} seq_tile={row['seq_tile']}"
 
 
 def main() -> None:
