@@ -5,19 +5,14 @@ weights are built on the GPU and quantized there, layer by layer, so nothing lar
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import bitsandbytes as bnb
-import child_runs
 import peft
 import torch
+import torch_steps
 import transformers
 
 from qlora_jax.models.config import to_hf_config
 from qlora_jax.models.presets import preset
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def quantize_linears(model: torch.nn.Module) -> None:
@@ -44,14 +39,7 @@ def quantize_linears(model: torch.nn.Module) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--seq", type=int, required=True)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    a = p.parse_args()
+    a = torch_steps.parser().parse_args()
     cfg = preset(a.preset)
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")
@@ -62,42 +50,15 @@ def main() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     lora = peft.LoraConfig(
-        r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules=PROJECTIONS, task_type="CAUSAL_LM"
+        r=a.r,
+        lora_alpha=2 * a.r,
+        lora_dropout=0.0,
+        target_modules=torch_steps.PROJECTIONS,
+        task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, lora)
-    opt = bnb.optim.PagedAdamW32bit([q for q in model.parameters() if q.requires_grad], lr=2e-4)
-    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(a.steps + a.warmup):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    step = times[len(times) // 2]
-    child_runs.report(
-        {
-            "framework": "torch+peft+bnb",
-            "step_s": step,
-            "tokens_per_s": a.batch * a.seq / step,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss": float(loss),
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-                "bitsandbytes": bnb.__version__,
-            },
-        }
-    )
+    versions = {"transformers": transformers.__version__, "peft": peft.__version__}
+    torch_steps.time_and_report("torch+peft+bnb", model, cfg.vocab_size, a, versions, autocast=True)
 
 
 if __name__ == "__main__":

@@ -11,23 +11,18 @@ HF_HUB_OFFLINE=1 and UNSLOTH_DISABLE_STATISTICS=1 (set below before the import).
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 
 import unsloth  # noqa: E402,I001  (must come before transformers)
-import bitsandbytes as bnb  # noqa: E402
-import child_runs  # noqa: E402
 import torch  # noqa: E402
+import torch_steps  # noqa: E402
 import transformers  # noqa: E402
 
 from qlora_jax.models.config import to_hf_config  # noqa: E402
 from qlora_jax.models.presets import preset  # noqa: E402
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def word_level_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
@@ -60,16 +55,9 @@ def saved_random_model(name: str, root: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--seq", type=int, required=True)
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p = torch_steps.parser()
     p.add_argument("--model_dir", default=".bench_models")
     a = p.parse_args()
-    cfg = preset(a.preset)
     directory = saved_random_model(a.preset, a.model_dir)
     model, _ = unsloth.FastLanguageModel.from_pretrained(
         directory, max_seq_length=a.seq, dtype=torch.bfloat16, load_in_4bit=True
@@ -79,45 +67,15 @@ def main() -> None:
         r=a.r,
         lora_alpha=2 * a.r,
         lora_dropout=0.0,
-        target_modules=PROJECTIONS,
+        target_modules=torch_steps.PROJECTIONS,
         bias="none",
         use_gradient_checkpointing="unsloth",
         random_state=0,
         max_seq_length=a.seq,
     )
     unsloth.FastLanguageModel.for_training(model)
-    opt = bnb.optim.PagedAdamW32bit([q for q in model.parameters() if q.requires_grad], lr=2e-4)
-    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(a.steps + a.warmup):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    step = times[len(times) // 2]
-    child_runs.report(
-        {
-            "framework": "unsloth",
-            "step_s": step,
-            "tokens_per_s": a.batch * a.seq / step,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss": float(loss),
-            "versions": {
-                "unsloth": unsloth.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "bitsandbytes": bnb.__version__,
-            },
-        }
-    )
+    versions = {"unsloth": unsloth.__version__, "transformers": transformers.__version__}
+    torch_steps.time_and_report("unsloth", model, preset(a.preset).vocab_size, a, versions, autocast=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""What the two PyTorch-side benchmarks (bench_torch.py, bench_unsloth.py) share: their arguments,
+the LoRA targets, and the timed QLoRA step (PagedAdamW32bit, gradient clipping 0.3, random
+tokens) with its one-line result. Imports only torch and bitsandbytes, so Unsloth can still be
+imported before transformers."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import bitsandbytes as bnb
+import child_runs
+import torch
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    return p
+
+
+def time_and_report(
+    framework: str,
+    model: torch.nn.Module,
+    vocab_size: int,
+    a: argparse.Namespace,
+    versions: dict[str, str],
+    autocast: bool,
+) -> None:
+    """Train `model` (adapters only) on random tokens: median step time after a.warmup untimed
+    steps, peak CUDA memory since the first step, reported as one RESULT line."""
+    opt = bnb.optim.PagedAdamW32bit([q for q in model.parameters() if q.requires_grad], lr=2e-4)
+    ids = torch.randint(0, vocab_size, (a.batch, a.seq), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(a.steps + a.warmup):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        cast = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with cast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    step = times[len(times) // 2]
+    child_runs.report(
+        {
+            "framework": framework,
+            "step_s": step,
+            "tokens_per_s": a.batch * a.seq / step,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "loss": float(loss),
+            "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__} | versions,
+        }
+    )
