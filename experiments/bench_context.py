@@ -19,7 +19,7 @@ import os
 import sys
 
 import child_runs
-from bench_throughput import framework_command, framework_env
+from bench_throughput import add_run_args, framework_command, framework_env
 
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "ran out of memory")
 
@@ -29,17 +29,8 @@ def main() -> None:
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--seqs", default="16384,32768,65536,131072,262144,342733")
     p.add_argument("--frameworks", default="qlora_jax,unsloth")
-    p.add_argument("--r", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1, help="timed steps")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile is before them)")
-    p.add_argument("--remat", default="offload")
-    p.add_argument("--offload", type=int, default=1)
-    p.add_argument("--loss_chunk", type=int, default=1024)
-    p.add_argument("--seq_tile", type=int, default=8192)
-    p.add_argument("--quantization", default="nf4")
-    p.add_argument("--model_dir", default=".bench_models")
-    p.add_argument("--call", default="")
-    p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    add_run_args(p)
+    p.set_defaults(r=32, steps=1, warmup=1, remat="offload", offload=1, seq_tile=8192)
     a = p.parse_args()
     import jax
 

@@ -100,13 +100,11 @@ def framework_env(framework: str) -> dict[str, str]:
     return dict(os.environ) | ({} if framework == "qlora_jax" else {"JAX_PLATFORMS": "cpu"})
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="preset:BxT,... ")
-    p.add_argument("--frameworks", default="qlora_jax,torch,unsloth")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The settings of each run (framework_command passes them on to the child), where rows go."""
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the compile is in step 1)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiled before them)")
     p.add_argument("--remat", default="full")
     p.add_argument("--offload", type=int, default=0, help="qlora_jax: optimizer state in pinned host memory")
     p.add_argument("--loss_chunk", type=int, default=1024, help="qlora_jax: tokens per cross-entropy chunk")
@@ -115,6 +113,13 @@ def main() -> None:
     p.add_argument("--model_dir", default=".bench_models", help="unsloth: where its random models are saved")
     p.add_argument("--call", default="", help="call id shared by the rows (default: now)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="preset:BxT,... ")
+    p.add_argument("--frameworks", default="qlora_jax,torch,unsloth")
+    add_run_args(p)
     p.add_argument("--child", default="", help="internal: preset:BxT to run in this process")
     a = p.parse_args()
     if a.child:
