@@ -11,6 +11,8 @@ REMAT_POLICIES = (
     "none",  # keep every activation (no rematerialization)
     "full",  # save only the layer inputs, recompute the rest in backward
     "offload",  # as full, with the saved layer inputs in pinned host memory (copies overlap compute)
+    "offload_attention",  # as offload, plus attention's output and statistics: no attention recompute
+    "offload_all",  # every matmul operand on the host: backward recomputes no forward at all
     "dots_saveable",  # keep matmul outputs, recompute elementwise work
     "dots_with_no_batch_dims_saveable",  # keep weight matmul outputs, recompute attention
 )

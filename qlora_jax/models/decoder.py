@@ -9,6 +9,7 @@ axis 0; the model runs them with `nn.scan` (optionally unrolled) under a named r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -22,15 +23,27 @@ from qlora_jax.models.linear import Linear, dense_weight
 from qlora_jax.models.rope import apply_rope, cos_sin
 
 LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input (the residual stream)
-REMAT_POLICY_FNS = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    # as "full", but the saved layer inputs wait for backward in pinned host memory, not HBM
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+ATTENTION_RESIDUALS = "attention_residuals"  # what attention's backward needs besides q, k, v
+MATMUL_OPERANDS = "matmul_operands"  # normed inputs, q/k/v, gate/up and the MLP product
+
+
+def _offload(*names: str) -> Any:
+    """Keep only the named values for backward, in pinned host memory (copies overlap compute)."""
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[],
-        names_which_can_be_offloaded=[LAYER_INPUT],
+        names_which_can_be_offloaded=list(names),
         offload_src="device",
         offload_dst="pinned_host",
-    ),
+    )
+
+
+REMAT_POLICY_FNS = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "offload": _offload(LAYER_INPUT),
+    # no attention forward in backward: its output and softmax statistics wait on the host
+    "offload_attention": _offload(LAYER_INPUT, ATTENTION_RESIDUALS),
+    # no forward at all in backward: every matmul operand waits on the host
+    "offload_all": _offload(LAYER_INPUT, ATTENTION_RESIDUALS, MATMUL_OPERANDS),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -73,6 +86,37 @@ def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array
     return "cudnn" if jax.default_backend() == "gpu" and flash_ok and mask is None else "xla"
 
 
+@functools.cache
+def _named_residual_attention(**static: Any) -> Any:
+    """jax.nn.dot_product_attention(q, k, v, mask, **static) whose backward residuals, other than
+    q, k and v themselves, carry the checkpoint name ATTENTION_RESIDUALS. A remat policy that keeps
+    them (cuDNN: the output and the softmax log-sum-exp) runs no attention forward in backward; q,
+    k and v stay with the projections, which are cheap to recompute."""
+    attend = functools.partial(jax.nn.dot_product_attention, **static)
+
+    @jax.custom_vjp
+    def attention(q, k, v, mask):
+        return attend(q, k, v, mask=mask)
+
+    def forward(q, k, v, mask):
+        raw_out, backward = jax.vjp(lambda q, k, v: attend(q, k, v, mask=mask), q, k, v)
+        out = checkpoint_name(raw_out, ATTENTION_RESIDUALS)
+        inputs = {id(q), id(k), id(v)}
+
+        def named(leaf: jax.Array) -> jax.Array:
+            if id(leaf) in inputs:
+                return leaf
+            return out if leaf is raw_out else checkpoint_name(leaf, ATTENTION_RESIDUALS)
+
+        return out, jax.tree.map(named, backward)
+
+    def backward(residuals, grad_out):
+        return (*residuals(grad_out), None)
+
+    attention.defvjp(forward, backward)
+    return attention
+
+
 class RMSNorm(nn.Module):
     """HF LlamaRMSNorm: normalize in float32, cast back, scale by the (frozen) weight."""
 
@@ -105,20 +149,18 @@ class Attention(nn.Module):
             batch, length, cfg.num_kv_heads, cfg.head_dim
         )
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k, v = (checkpoint_name(t, MATMUL_OPERANDS) for t in (q, k, v))
         if layer_cache is not None:
             start = (0, ctx.write_index, 0, 0)
             k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), start)
             layer_cache = (k, v)
-        out = jax.nn.dot_product_attention(
-            q,
-            k.astype(dtype),
-            v.astype(dtype),
-            mask=ctx.mask,
+        attend = _named_residual_attention(
             is_causal=ctx.mask is None,
             local_window_size=_window(cfg, ctx.mask),
             implementation=attention_implementation(cfg, q.dtype, ctx.mask),
         )
+        out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
         out = Linear(dtype, self.lora_dropout, name="o_proj")(
             out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         )
@@ -135,9 +177,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
         dtype = jnp.dtype(self.cfg.dtype)
-        gate = Linear(dtype, self.lora_dropout, name="gate_proj")(x)
-        up = Linear(dtype, self.lora_dropout, name="up_proj")(x)
-        return carry, Linear(dtype, self.lora_dropout, name="down_proj")(nn.silu(gate) * up)
+        gate = checkpoint_name(Linear(dtype, self.lora_dropout, name="gate_proj")(x), MATMUL_OPERANDS)
+        up = checkpoint_name(Linear(dtype, self.lora_dropout, name="up_proj")(x), MATMUL_OPERANDS)
+        product = checkpoint_name(nn.silu(gate) * up, MATMUL_OPERANDS)
+        return carry, Linear(dtype, self.lora_dropout, name="down_proj")(product)
 
 
 def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:
@@ -161,11 +204,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         x = checkpoint_name(x, LAYER_INPUT)
-        h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), layer_cache, ctx
-        )
+        normed = checkpoint_name(RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), MATMUL_OPERANDS)
+        h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(normed, layer_cache, ctx)
         x = x + h
         normed = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+        normed = checkpoint_name(normed, MATMUL_OPERANDS)
         tile = cfg.seq_tile
         if not tile or x.shape[1] <= tile:
             return x + MLP(cfg, self.lora_dropout, name="mlp")(None, normed)[1], layer_cache

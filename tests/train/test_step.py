@@ -56,19 +56,62 @@ def test_accumulated_micro_batches_equal_one_large_batch():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)
 
 
-def test_sequence_tiles_and_offloaded_layer_inputs_give_the_same_loss_and_grads():
-    """The MLP over tiles of 3 of 16 tokens (the last tile zero-padded), and the layer inputs
-    saved in host memory, change where activations live, not the math. The tiles' adapter
-    gradients add up in another order: float32 rounding of sums of ~1e-2 terms, so rtol 1e-5
-    with atol 1e-7 (largest difference observed 1.1e-8, on an element near 0)."""
+def test_sequence_tiles_and_offload_policies_give_the_same_loss_and_grads():
+    """The MLP over tiles of 3 of 16 tokens (the last tile zero-padded), and layer inputs or
+    every matmul operand and attention residual (offload_all; offload_attention keeps a subset)
+    kept in host memory instead of recomputed, change where activations live, not the math. The tiles' adapter gradients add up in another
+    order, and a kept value can differ from its recomputation in fusion: float32 rounding of sums
+    of ~1e-2 terms, so rtol 1e-5 with atol 1e-7 (largest difference observed 2.3e-8)."""
     model, frozen, tree = _setup(remat_policy="full")
-    tiled = llama.Llama(model.config.replace(remat_policy="offload", seq_tile=3))
     batch = _batch(np.random.default_rng(0), (2, 16))
     loss1, _, g1 = _loss_and_grads(model, tree, frozen, batch)
-    loss2, _, g2 = _loss_and_grads(tiled, tree, frozen, batch)
-    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    for policy, tile in (("offload", 3), ("offload_all", 0)):
+        changed = llama.Llama(model.config.replace(remat_policy=policy, seq_tile=tile))
+        loss2, _, g2 = _loss_and_grads(changed, tree, frozen, batch)
+        np.testing.assert_allclose(loss2, loss1, rtol=1e-6, err_msg=policy)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=policy)
+
+
+def _sub_jaxprs(param):
+    for value in param if isinstance(param, (tuple, list)) else [param]:
+        if hasattr(value, "consts"):  # ClosedJaxpr (scan, remat, custom_vjp bodies)
+            yield value.jaxpr
+        elif hasattr(value, "eqns"):  # Jaxpr
+            yield value
+
+
+def _dot_counts(jaxpr, counts):
+    """[attention dots, projection dots] in a jaxpr and its sub-jaxprs: dot_generals with and
+    without batch dimensions."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (_, _), (batch_dims, _) = eqn.params["dimension_numbers"]
+            counts[0 if batch_dims else 1] += 1
+        for param in eqn.params.values():
+            for sub in _sub_jaxprs(param):
+                _dot_counts(sub, counts)
+    return counts
+
+
+def test_offload_policies_recompute_less_in_backward():
+    """Per layer, full remat runs attention's two dots (q.k, p.v) again in backward;
+    offload_attention keeps their results and runs them once; offload_all also keeps every
+    projection's operands, so fewer projection dots run."""
+    model, frozen, tree = _setup(remat_policy="full")
+    batch = _batch(np.random.default_rng(0), (2, 16))
+    counts = {}
+    for policy in ("full", "offload", "offload_attention", "offload_all"):
+        policy_model = llama.Llama(model.config.replace(remat_policy=policy))
+
+        def loss_and_grads(lora, frozen, batch, m=policy_model):
+            return step_lib.mean_loss_and_grads(m, LORA, lora, frozen, batch, None, 1, 1024)
+
+        counts[policy] = _dot_counts(jax.make_jaxpr(loss_and_grads)(tree, frozen, batch).jaxpr, [0, 0])
+    assert counts["offload"] == counts["full"]
+    assert counts["offload_attention"][0] == counts["full"][0] - 2
+    assert counts["offload_all"][0] == counts["offload_attention"][0]
+    assert counts["offload_all"][1] < counts["offload_attention"][1] <= counts["full"][1]
 
 
 def test_offloaded_optimizer_state_lives_in_pinned_host_and_gives_the_same_updates():
