@@ -53,7 +53,7 @@ def run_layout(
     data = sharding.shard_batch(
         mesh, {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
-    step, metrics = time_train_step(train_step, tree, state, frozen, data, steps)
+    step, metrics, _ = time_train_step(train_step, tree, state, frozen, data, steps)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
     return {
         "step_s": step,

@@ -20,7 +20,7 @@ import sys
 
 import child_runs
 import numpy as np
-from step_timing import time_train_step
+from step_timing import peak_gib, time_train_step
 
 DEFAULT_SHAPES = "smollm2-135m:8x512,llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048"
 BF16_PEAK_TFLOPS = {"H100": 698.0}  # measured bf16 matmul rate in JAX (issue 7), for the %-of-peak column
@@ -59,6 +59,7 @@ def run_jax(
     optimizer = make_optimizer(optim_cfg)
     shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, tree))
     state = step_lib.init_opt_state(optimizer, tree, optim_cfg, shardings)
+    peak_after_init = peak_gib()
     train_step = step_lib.make_train_step(
         model, lora_cfg, optim_cfg, optimizer, shardings if offload else None, chunk_size=loss_chunk
     )
@@ -66,7 +67,7 @@ def run_jax(
     data = jax.device_put(
         {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
-    step, metrics = time_train_step(train_step, tree, state, frozen, data, steps, warmup)
+    step, metrics, plan = time_train_step(train_step, tree, state, frozen, data, steps, warmup)
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "framework": "qlora_jax",
@@ -79,6 +80,8 @@ def run_jax(
         "loss_chunk": loss_chunk,
         "quantization": quantization,
         "seq_tile": seq_tile,
+        "peak_after_init_gib": peak_after_init,
+        **plan,
         "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
     }
 
@@ -96,8 +99,13 @@ def framework_command(framework: str, name: str, batch: int, seq: int, a: argpar
 
 
 def framework_env(framework: str) -> dict[str, str]:
-    """The PyTorch sides keep JAX (imported for the presets) off the GPU."""
-    return dict(os.environ) | ({} if framework == "qlora_jax" else {"JAX_PLATFORMS": "cpu"})
+    """The PyTorch sides keep JAX (imported for the presets) off the GPU. qlora_jax may use most of
+    the host's memory for offloaded activations (XLA caps its pinned host pool at 64 GiB unless
+    told otherwise; long contexts need more)."""
+    if framework != "qlora_jax":
+        return dict(os.environ) | {"JAX_PLATFORMS": "cpu"}
+    host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": str(int(0.85 * host_gib))} | dict(os.environ)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

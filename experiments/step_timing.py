@@ -9,13 +9,24 @@ import jax
 import numpy as np
 
 
+def peak_gib() -> float:
+    """The device's peak allocation so far (XLA cannot reset it: read it between phases)."""
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+
+
 def time_train_step(
     train_step: Any, lora: Any, state: Any, frozen: Any, batch: Any, steps: int, warmup: int = 3
 ):
-    """(median seconds per step after `warmup` untimed steps, last metrics). The step is compiled
-    ahead of time, outside every timing, so warmup=0 times the very first run (for long contexts,
-    where one step takes minutes); each step waits for its outputs."""
+    """(median seconds per step after `warmup` untimed steps, last metrics, XLA's memory plan in
+    GiB). The step is compiled ahead of time, outside every timing, so warmup=0 times the very
+    first run (for long contexts, where one step takes minutes); each step waits for its outputs."""
     compiled = train_step.lower(lora, state, frozen, batch, None).compile()
+    analysis = compiled.memory_analysis()
+    plan = {
+        f"xla_{name}_gib": getattr(analysis, f"{name}_size_in_bytes", 0) / 2**30
+        for name in ("argument", "temp", "host_temp", "host_argument")
+    }
+    plan["peak_after_compile_gib"] = peak_gib()
     times, metrics = [], None
     for i in range(steps + warmup):
         start = time.perf_counter()
@@ -23,4 +34,4 @@ def time_train_step(
         jax.block_until_ready((lora, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return float(np.median(times)), metrics
+    return float(np.median(times)), metrics, plan
