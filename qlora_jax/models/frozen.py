@@ -146,6 +146,23 @@ def build_frozen(
     return frozen
 
 
+def _random_table(
+    key: jax.Array, shape: tuple[int, int], dtype: str, std: float, rows: int = 4096
+) -> jax.Array:
+    """A (vocab, hidden) normal(0, std) table written `rows` rows at a time into its buffer, so
+    the random bits and float32 values of only one block are alive (whole: ~8x the table)."""
+    blocks = -(-shape[0] // rows)
+
+    def write_block(i: jax.Array, table: jax.Array) -> jax.Array:
+        block = std * jax.random.normal(jax.random.fold_in(key, i), (rows, shape[1]), jnp.float32)
+        start = jnp.minimum(i * rows, shape[0] - rows)  # the last block overlaps its neighbour
+        return jax.lax.dynamic_update_slice(table, block.astype(dtype), (start, 0))
+
+    if shape[0] <= rows:
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return jax.lax.fori_loop(0, blocks, write_block, jnp.zeros(shape, dtype))
+
+
 def random_init(
     cfg: LlamaConfig,
     rng: jax.Array,
@@ -171,9 +188,7 @@ def random_init(
     @jax.jit
     def build(key: jax.Array) -> dict[str, Any]:
         k_embed, k_head, k_layers = jax.random.split(key, 3)
-        embed = (std * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size), jnp.float32)).astype(
-            dtype
-        )
+        embed = _random_table(k_embed, (cfg.vocab_size, cfg.hidden_size), dtype, std)
         norm = jnp.ones((cfg.num_layers, cfg.hidden_size), jnp.float32)
         layers: dict[str, Any] = {name: {"weight": norm} for name in LAYER_NORMS}
         for key_i, ((group, name), shape) in zip(
@@ -189,9 +204,7 @@ def random_init(
             "norm": {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)},
         }
         if not cfg.tie_word_embeddings:
-            head = (std * jax.random.normal(k_head, (cfg.vocab_size, cfg.hidden_size), jnp.float32)).astype(
-                dtype
-            )
+            head = _random_table(k_head, (cfg.vocab_size, cfg.hidden_size), dtype, std)
             head_quant = quant if quant.lm_head else Quantization(None)
             frozen["lm_head"] = {"weight": store_linear(head, head_quant, dtype)}
         return frozen
