@@ -17,7 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.block_size = 64  # 4-bit block (bitsandbytes' default)
     c.model.double_quant = True  # quantize the block scales too (QLoRA)
     c.model.dtype = "bfloat16"  # compute dtype and storage of embeddings / dense weights
-    c.model.remat_policy = "full"  # none | full | offload | dots_saveable | dots_with_no_batch_dims_saveable
+    # auto | none | full | offload | offload_attention | offload_all | dots_saveable |
+    # dots_with_no_batch_dims_saveable (README: Memory and long context)
+    c.model.remat_policy = "auto"
     c.model.seq_tile = 8192  # MLP over tiles of this many tokens when longer (long context); 0 = never
 
     c.lora = ml_collections.ConfigDict()
@@ -53,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.exact_match_examples = 0  # generate answers for this many eval rows before/after
     c.train.exact_match = "exact"  # exact | last_number (compare the last number, e.g. GSM8K)
     c.train.max_new_tokens = 16  # generation length for exact match
-    c.train.loss_chunk = 1024  # tokens per chunk of the fp32 cross-entropy
+    c.train.loss_chunk = 256  # tokens per chunk of the fp32 cross-entropy (128k vocab: 125 MiB each)
     c.train.nonfinite = "stop"  # NaN/inf loss or gradient: stop (error naming the step) | skip the batch
 
     c.optim = ml_collections.ConfigDict()
@@ -66,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.max_grad_norm = 0.3  # 0 = no clipping
     c.optim.accumulation_steps = 1
-    c.optim.offload_state = False  # AdamW moments in pinned host memory between steps
+    c.optim.offload_state = True  # AdamW moments in pinned host memory between steps
 
     c.mesh = ml_collections.ConfigDict()  # device mesh (qlora_jax/sharding.py); -1 = the rest
     c.mesh.data = -1  # data parallel: batch rows split, weights replicated

@@ -8,6 +8,7 @@ from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = (
+    "auto",  # offload below 16,384 tokens per row, offload_attention from there (decoder.py)
     "none",  # keep every activation (no rematerialization)
     "full",  # save only the layer inputs, recompute the rest in backward
     "offload",  # as full, with the saved layer inputs in pinned host memory (copies overlap compute)

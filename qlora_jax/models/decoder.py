@@ -47,6 +47,18 @@ REMAT_POLICY_FNS = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# "auto": from this many tokens per row, recomputing attention costs more than copying its output
+# to the host and back (attention work per token grows with the length, the copy does not):
+# offload_attention there, offload below. Measured on H100, Llama-3-8B shape: offload_attention
+# is 6% slower at 2,048 tokens and 12% faster at 65,536 (experiments/NOTES.md, issue 18).
+AUTO_ATTENTION_OFFLOAD_TOKENS = 16384
+
+
+def remat_policy_name(policy: str, length: int) -> str:
+    """The concrete remat policy for rows of `length` tokens ("auto" resolved)."""
+    if policy != "auto":
+        return policy
+    return "offload_attention" if length >= AUTO_ATTENTION_OFFLOAD_TOKENS else "offload"
 
 
 class KVCache(NamedTuple):
@@ -238,8 +250,9 @@ class Decoder(nn.Module):
         cos, sin = cos_sin(cfg, positions_BxT, dtype)
         ctx = LayerContext(cos, sin, ctx_mask, write_index)
         layer = DecoderLayer
-        if cfg.remat_policy != "none":
-            layer = nn.remat(layer, policy=REMAT_POLICY_FNS[cfg.remat_policy], prevent_cse=False)
+        policy = remat_policy_name(cfg.remat_policy, tokens_BxT.shape[1])
+        if policy != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICY_FNS[policy], prevent_cse=False)
         layers = nn.scan(
             layer,
             variable_axes={"frozen": 0, "lora": 0},

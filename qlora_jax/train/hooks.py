@@ -267,8 +267,8 @@ def report_memory(compiled: Any) -> dict[str, int | None] | None:
     if not estimate.fits():
         print(
             "warning: the step needs more memory than the device has and will run out of memory: lower "
-            "train.batch_size or data.max_seq_len, set model.remat_policy=full (offload for long "
-            "contexts), model.seq_tile, optim.offload_state=True, or split the model with mesh.fsdp "
-            "(README, Troubleshooting)"
+            "train.batch_size or data.max_seq_len, set model.remat_policy=auto (or offload / "
+            "offload_attention), a smaller model.seq_tile or train.loss_chunk, optim.offload_state=True, "
+            "or split the model with mesh.fsdp (README, Troubleshooting)"
         )
     return estimate.as_dict()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qlora_jax import lora as lora_lib
-from qlora_jax.models import linear, llama
+from qlora_jax.models import decoder, linear, llama
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.optim import OptimConfig, make_optimizer
 from tests.models.hf_reference import small_config
@@ -59,9 +59,10 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 def test_sequence_tiles_and_offload_policies_give_the_same_loss_and_grads():
     """The MLP over tiles of 3 of 16 tokens (the last tile zero-padded), and layer inputs or
     every matmul operand and attention residual (offload_all; offload_attention keeps a subset)
-    kept in host memory instead of recomputed, change where activations live, not the math. The tiles' adapter gradients add up in another
-    order, and a kept value can differ from its recomputation in fusion: float32 rounding of sums
-    of ~1e-2 terms, so rtol 1e-5 with atol 1e-7 (largest difference observed 2.3e-8)."""
+    kept in host memory instead of recomputed, change where activations live, not the math. The
+    tiles' adapter gradients add up in another order, and a kept value can differ from its
+    recomputation in fusion: float32 rounding of sums of ~1e-2 terms, so rtol 1e-5 with atol
+    1e-7 (largest difference observed 2.3e-8)."""
     model, frozen, tree = _setup(remat_policy="full")
     batch = _batch(np.random.default_rng(0), (2, 16))
     loss1, _, g1 = _loss_and_grads(model, tree, frozen, batch)
@@ -225,3 +226,9 @@ def test_train_step_donates_lora_and_opt_state(offload):
     new_lora, _, metrics = train_step(lora, state, frozen, _batch(np.random.default_rng(0), (2, 8)), None)
     assert all(x.is_deleted() for x in jax.tree.leaves(lora))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_auto_remat_policy_offloads_attention_from_16k_tokens_per_row():
+    assert decoder.remat_policy_name("auto", 16383) == "offload"
+    assert decoder.remat_policy_name("auto", 16384) == "offload_attention"
+    assert decoder.remat_policy_name("full", 65536) == "full"
