@@ -102,3 +102,21 @@ def test_missing_tensorboardx_and_matplotlib_warn_at_start_and_the_run_completes
     assert warnings[-1] < next(i for i, line in enumerate(lines) if line.startswith("data: "))
     assert (run / "metrics.jsonl").exists() and (run / "adapter").is_dir()
     assert not (run / "tensorboard").exists() and not (run / "plots").exists()
+
+
+def test_the_cli_keeps_compiled_steps_in_a_persistent_cache_unless_told_otherwise(monkeypatch):
+    import jax
+
+    from qlora_jax.train import cli
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+        jax.config.update("jax_compilation_cache_dir", None)
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None  # JAX reads the variable itself
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir.endswith("/.cache/qlora_jax/jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
