@@ -16,10 +16,8 @@ import argparse
 import datetime
 import json
 import os
-import sys
 
-import child_runs
-from bench_throughput import add_run_args, framework_command, framework_env
+from bench_throughput import add_run_args, run_framework
 
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "ran out of memory")
 
@@ -39,8 +37,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     for framework in a.frameworks.split(","):
         for seq in (int(s) for s in a.seqs.split(",")):
-            cmd = framework_command(framework, a.shape, 1, seq, a)
-            result = child_runs.run([sys.executable, *cmd], framework_env(framework))
+            result = run_framework(framework, a.shape, 1, seq, a)
             error = result.pop("error", None)
             row = {
                 "framework": framework,

@@ -27,6 +27,8 @@ def time_train_step(
         for name in ("argument", "temp", "host_temp", "host_argument")
     }
     plan["peak_after_compile_gib"] = peak_gib()
+    if steps + warmup == 0:  # compile only (fills the persistent compilation cache)
+        return float("nan"), None, plan
     times, metrics = [], None
     for i in range(steps + warmup):
         start = time.perf_counter()
