@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     # dots_with_no_batch_dims_saveable (README: Memory and long context)
     c.model.remat_policy = "auto"
     c.model.seq_tile = 8192  # MLP over tiles of this many tokens when longer (long context); 0 = never
+    c.model.dequant_slices = 1  # > 1: each NF4 weight dequantized in this many slices (less memory)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.r = 16  # adapter rank

@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--seqs", default="16384,32768,65536,131072,262144,342733")
     p.add_argument("--frameworks", default="qlora_jax,unsloth")
     add_run_args(p)
-    p.set_defaults(r=32, steps=1, warmup=1, remat="offload", offload=1, seq_tile=8192)
+    p.set_defaults(r=32, steps=1, warmup=1, remat="auto", offload=1, loss_chunk=256, seq_tile=8192)
     a = p.parse_args()
     import jax
 
@@ -54,6 +54,7 @@ def main() -> None:
             }
             if framework == "qlora_jax":  # its settings, also on rows whose run failed
                 row |= {"remat": a.remat, "seq_tile": a.seq_tile, "offload_state": bool(a.offload)}
+                row["dequant_slices"] = a.dequant_slices
             row |= {k: v for k, v in result.items() if k not in row}
             if error is not None:
                 row["oom"] = any(m in error for m in OOM_MARKERS)

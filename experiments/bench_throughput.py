@@ -42,6 +42,7 @@ def run_jax(
     quantization: str,
     seq_tile: int = 0,
     warmup: int = 3,
+    dequant_slices: int = 1,
 ) -> dict:
     import jax
 
@@ -56,6 +57,7 @@ def run_jax(
         dtype="bfloat16",
         remat_policy=remat,
         seq_tile=seq_tile,
+        dequant_slices=dequant_slices,
     )
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
@@ -86,6 +88,7 @@ def run_jax(
         "loss_chunk": loss_chunk,
         "quantization": quantization,
         "seq_tile": seq_tile,
+        "dequant_slices": dequant_slices,
         "peak_after_init_gib": peak_after_init,
         **plan,
         "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
@@ -97,6 +100,7 @@ def framework_command(framework: str, name: str, batch: int, seq: int, a: argpar
     here = os.path.dirname(os.path.abspath(__file__))
     if framework == "qlora_jax":
         flags = ("r", "steps", "warmup", "remat", "offload", "loss_chunk", "quantization", "seq_tile")
+        flags += ("dequant_slices",)
         return [__file__, "--child", f"{name}:{batch}x{seq}", *(f"--{k}={getattr(a, k)}" for k in flags)]
     script = {"torch": "bench_torch.py", "unsloth": "bench_unsloth.py"}[framework]
     cmd = [os.path.join(here, script), f"--preset={name}", f"--batch={batch}", f"--seq={seq}", f"--r={a.r}"]
@@ -141,6 +145,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss_chunk", type=int, default=1024, help="qlora_jax: tokens per cross-entropy chunk")
     p.add_argument("--quantization", default="nf4", help="qlora_jax: nf4 | none (dense bf16: a ceiling)")
     p.add_argument("--seq_tile", type=int, default=0, help="qlora_jax: MLP sequence tile (0: whole)")
+    p.add_argument("--dequant_slices", type=int, default=1, help="qlora_jax: NF4 dequant slices")
     p.add_argument("--model_dir", default=".bench_models", help="unsloth: where its random models are saved")
     p.add_argument("--call", default="", help="call id shared by the rows (default: now)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
@@ -168,6 +173,7 @@ def main() -> None:
             a.quantization,
             a.seq_tile,
             a.warmup,
+            a.dequant_slices,
         )
         child_runs.report(result)
         return

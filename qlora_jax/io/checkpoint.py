@@ -26,9 +26,9 @@ from qlora_jax.models.config import LlamaConfig
 
 def _architecture(model_cfg: LlamaConfig) -> str:
     """The config's repr with how-to-run fields neutralized, as fingerprints have always hashed it;
-    seq_tile, added later, is left out so that older checkpoints still match their base."""
+    the how-to-run fields added later are left out so that older checkpoints still match their base."""
     cfg = model_cfg.replace(dtype="-", remat_policy="none")
-    fields = [f.name for f in dataclasses.fields(cfg) if f.name != "seq_tile"]
+    fields = [f.name for f in dataclasses.fields(cfg) if f.name not in ("seq_tile", "dequant_slices")]
     return f"{type(cfg).__qualname__}({', '.join(f'{name}={getattr(cfg, name)!r}' for name in fields)})"
 
 

@@ -62,6 +62,7 @@ class LlamaConfig:
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: cuDNN flash attention on GPU when it applies, else XLA
     seq_tile: int = 0  # > 0: run the MLP over tiles of this many tokens (long context); 0: whole
+    dequant_slices: int = 1  # > 1: NF4 weights dequantized this many slices at a time (less memory)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -74,6 +75,8 @@ class LlamaConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} unknown; valid: {REMAT_POLICIES}")
         if self.seq_tile < 0:
             raise ValueError(f"seq_tile {self.seq_tile} must be >= 0 (0: no tiling)")
+        if self.dequant_slices < 1:
+            raise ValueError(f"dequant_slices {self.dequant_slices} must be >= 1 (1: whole weights)")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
 

@@ -151,13 +151,13 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = x.shape
-        q = Linear(dtype, self.lora_dropout, name="q_proj")(x).reshape(
+        q = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="q_proj")(x).reshape(
             batch, length, cfg.num_heads, cfg.head_dim
         )
-        k = Linear(dtype, self.lora_dropout, name="k_proj")(x).reshape(
+        k = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="k_proj")(x).reshape(
             batch, length, cfg.num_kv_heads, cfg.head_dim
         )
-        v = Linear(dtype, self.lora_dropout, name="v_proj")(x).reshape(
+        v = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="v_proj")(x).reshape(
             batch, length, cfg.num_kv_heads, cfg.head_dim
         )
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
@@ -173,7 +173,7 @@ class Attention(nn.Module):
             implementation=attention_implementation(cfg, q.dtype, ctx.mask),
         )
         out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
-        out = Linear(dtype, self.lora_dropout, name="o_proj")(
+        out = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="o_proj")(
             out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         )
         return out, layer_cache
@@ -189,10 +189,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
         dtype = jnp.dtype(self.cfg.dtype)
-        gate = checkpoint_name(Linear(dtype, self.lora_dropout, name="gate_proj")(x), MATMUL_OPERANDS)
-        up = checkpoint_name(Linear(dtype, self.lora_dropout, name="up_proj")(x), MATMUL_OPERANDS)
+
+        def linear(name: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=name)
+
+        gate = checkpoint_name(linear("gate_proj")(x), MATMUL_OPERANDS)
+        up = checkpoint_name(linear("up_proj")(x), MATMUL_OPERANDS)
         product = checkpoint_name(nn.silu(gate) * up, MATMUL_OPERANDS)
-        return carry, Linear(dtype, self.lora_dropout, name="down_proj")(product)
+        return carry, linear("down_proj")(product)
 
 
 def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:

@@ -10,6 +10,7 @@ MLP projection of Llama-3-8B at 2048 tokens) and a pass over it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax.quant import nf4
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize
 
 FrozenWeight = NF4Tensor | jax.Array
@@ -29,19 +31,55 @@ def dense_weight(weight: FrozenWeight, dtype: Any) -> jax.Array:
     return weight.astype(dtype)
 
 
-def _matmul(x: jax.Array, weight: FrozenWeight) -> jax.Array:
-    w_OxI = dense_weight(weight, x.dtype)
-    return jnp.einsum("...i,oi->...o", x, w_OxI)
+def _pieces(weight: FrozenWeight, axis: int, slices: int) -> int:
+    """How many slices along `axis` a weight is dequantized in: `slices` where the NF4 blocks
+    allow it, else 1 (the whole weight at once; dense weights are never sliced)."""
+    if slices > 1 and isinstance(weight, NF4Tensor) and nf4.can_slice(weight, axis, slices):
+        return slices
+    return 1
 
 
-@jax.custom_vjp
-def frozen_matmul(x: jax.Array, weight: FrozenWeight) -> jax.Array:
-    """x @ W.T in x's dtype (float32 accumulation); W is a constant of training (no dW)."""
-    return _matmul(x, weight)
+def _matmul(x: jax.Array, weight: FrozenWeight, slices: int) -> jax.Array:
+    """x @ W.T; with slices > 1 an NF4 W is dequantized a block of output rows at a time."""
+    pieces = _pieces(weight, 0, slices)
+    if pieces == 1:
+        return jnp.einsum("...i,oi->...o", x, dense_weight(weight, x.dtype))
+    rows = weight.shape[0] // pieces
+
+    def rows_of_y(i: jax.Array, y: jax.Array) -> jax.Array:
+        w_RxI = nf4.dequantize_slice(weight, 0, i * rows, rows, x.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(
+            y, jnp.einsum("...i,ri->...r", x, w_RxI), i * rows, axis=-1
+        )
+
+    return jax.lax.fori_loop(0, pieces, rows_of_y, jnp.zeros((*x.shape[:-1], weight.shape[0]), x.dtype))
 
 
-def _frozen_matmul_fwd(x, weight):
-    return _matmul(x, weight), weight  # the residual is the stored (4-bit) weight, nothing more
+def _input_grad(dy: jax.Array, weight: FrozenWeight, slices: int) -> jax.Array:
+    """dy @ W; with slices > 1 an NF4 W is dequantized a block of input columns at a time."""
+    pieces = _pieces(weight, 1, slices)
+    if pieces == 1:
+        return jnp.einsum("...o,oi->...i", dy, dense_weight(weight, dy.dtype))
+    cols = weight.shape[1] // pieces
+
+    def cols_of_dx(i: jax.Array, dx: jax.Array) -> jax.Array:
+        w_OxC = nf4.dequantize_slice(weight, 1, i * cols, cols, dy.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(
+            dx, jnp.einsum("...o,oc->...c", dy, w_OxC), i * cols, axis=-1
+        )
+
+    return jax.lax.fori_loop(0, pieces, cols_of_dx, jnp.zeros((*dy.shape[:-1], weight.shape[1]), dy.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def frozen_matmul(x: jax.Array, weight: FrozenWeight, slices: int = 1) -> jax.Array:
+    """x @ W.T in x's dtype (float32 accumulation); W is a constant of training (no dW). With
+    slices > 1 only 1/slices of a dequantized NF4 weight is alive at a time, forward and back."""
+    return _matmul(x, weight, slices)
+
+
+def _frozen_matmul_fwd(x, weight, slices):
+    return _matmul(x, weight, slices), weight  # the residual is the stored (4-bit) weight, nothing more
 
 
 def _zero_cotangent(leaf: jax.Array) -> jax.Array:
@@ -50,9 +88,8 @@ def _zero_cotangent(leaf: jax.Array) -> jax.Array:
     return jnp.zeros_like(leaf)
 
 
-def _frozen_matmul_bwd(weight, dy):
-    w_OxI = dense_weight(weight, dy.dtype)  # re-dequantized here, freed right after
-    dx = jnp.einsum("...o,oi->...i", dy, w_OxI)
+def _frozen_matmul_bwd(slices, weight, dy):
+    dx = _input_grad(dy, weight, slices)  # the weight dequantized again here, freed right after
     return dx, jax.tree.map(_zero_cotangent, weight)
 
 
@@ -98,6 +135,7 @@ class Linear(nn.Module):
 
     dtype: Any = jnp.bfloat16
     dropout: float = 0.0
+    dequant_slices: int = 1  # > 1: an NF4 weight is dequantized this many slices at a time
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -105,7 +143,7 @@ class Linear(nn.Module):
         if weight is None:
             raise KeyError(f"frozen tree has no weight for module {'/'.join(self.path)}")
         x = x.astype(self.dtype)
-        y = frozen_matmul(x, weight)
+        y = frozen_matmul(x, weight, self.dequant_slices)
         bias = self.get_variable("lora", "bias")
         if bias is None:
             bias = self.get_variable("frozen", "bias")

@@ -333,12 +333,45 @@ def block_absmax(q: NF4Tensor) -> jax.Array:
     return scaled + jnp.asarray(q.offset)[..., None]
 
 
+def decode_blocks(
+    packed: jax.Array, absmax: jax.Array, quant_type: str, block_size: int, dtype: Any
+) -> jax.Array:
+    """Whole 4-bit blocks back to values: codes (..., n * block_size // 2) and float32 scales
+    (..., n) -> (..., n * block_size) in `dtype`."""
+    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1)
+    values = jnp.asarray(DECODE_4BIT[quant_type])[codes.astype(jnp.int32)]  # FP4 code 8: -0.0
+    out = values.reshape(*absmax.shape, block_size) * absmax[..., None]
+    return out.astype(dtype).reshape(*absmax.shape[:-1], -1)
+
+
 def dequantize(q: NF4Tensor, dtype: Any = None) -> jax.Array:
     """Rebuild the tensor (with any stack axes) in `dtype` (default: the quantized input's)."""
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
-    absmax = block_absmax(q)
-    codes = jnp.stack([q.packed >> 4, q.packed & 0xF], axis=-1)
-    values = jnp.asarray(DECODE_4BIT[q.quant_type])[codes.astype(jnp.int32)]  # FP4 code 8: -0.0
-    values_NxB = values.reshape(*q.stack_shape, -1, q.block_size)
-    out = values_NxB * absmax[..., None]
-    return out.astype(dtype).reshape(*q.stack_shape, *q.shape)
+    out = decode_blocks(q.packed, block_absmax(q), q.quant_type, q.block_size, dtype)
+    return out.reshape(*q.stack_shape, *q.shape)
+
+
+def can_slice(q: NF4Tensor, axis: int, pieces: int) -> bool:
+    """Whether a 2-D tensor splits into `pieces` equal slices along `axis` of whole blocks."""
+    if len(q.shape) != 2 or q.stack_shape or q.shape[1] % q.block_size:
+        return False
+    return q.shape[axis] % (pieces * (q.block_size if axis == 1 else 1)) == 0
+
+
+def dequantize_slice(
+    q: NF4Tensor, axis: int, start: jax.Array | int, count: int, dtype: Any = None
+) -> jax.Array:
+    """Rows (axis 0) or columns (axis 1) [start, start + count) of a 2-D tensor, decoding only
+    those blocks (`can_slice` must hold; `start` may be traced, a multiple of the block size for
+    columns). Memory: one slice in `dtype`, not the whole tensor."""
+    dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    rows, cols = q.shape
+    packed = q.packed.reshape(rows, cols // 2)
+    absmax = block_absmax(q).reshape(rows, cols // q.block_size)
+    if axis == 0:
+        packed = jax.lax.dynamic_slice_in_dim(packed, start, count, axis=0)
+        absmax = jax.lax.dynamic_slice_in_dim(absmax, start, count, axis=0)
+    else:
+        packed = jax.lax.dynamic_slice_in_dim(packed, start // 2, count // 2, axis=1)
+        absmax = jax.lax.dynamic_slice_in_dim(absmax, start // q.block_size, count // q.block_size, axis=1)
+    return decode_blocks(packed, absmax, q.quant_type, q.block_size, dtype)

@@ -27,7 +27,7 @@ def check_tokenizer(tokenizer: Any, tokenizer_path: str, model_cfg: LlamaConfig,
 
 def runtime(m: ModelSettings) -> dict[str, Any]:
     """How to run the model (LlamaConfig's runtime fields), from the model settings."""
-    return {"remat_policy": m.remat_policy, "seq_tile": m.seq_tile}
+    return {"remat_policy": m.remat_policy, "seq_tile": m.seq_tile, "dequant_slices": m.dequant_slices}
 
 
 def open_model(run: RunConfig) -> tuple[str, LlamaConfig, Any]:

@@ -36,6 +36,7 @@ class ModelSettings:
     dtype: str
     remat_policy: str
     seq_tile: int  # tokens per MLP tile (0: whole sequence)
+    dequant_slices: int  # NF4 weights dequantized this many slices at a time (1: whole)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dtype": _one_of(("bfloat16", "float16", "float32")),
     "model.remat_policy": _one_of(REMAT_POLICIES),
     "model.seq_tile": _int_at_least(0),
+    "model.dequant_slices": _int_at_least(1),
     "lora.r": _int_at_least(1),
     "lora.alpha": _number(0, _INF, low_open=True),
     "lora.dropout": _number(0, 1),
