@@ -1,6 +1,7 @@
-"""Export a run's adapter (PEFT, Orbax) or the merged model (HF safetensors).
+"""Export a run's adapter (PEFT, Orbax), the merged model (HF safetensors) or its 4-bit base in
+the bitsandbytes format (bnb4bit; with --merge the adapters folded in and requantized).
 
-python -m qlora_jax.export --run runs/smollm2_demo --format peft|orbax|merged --out DIR
+python -m qlora_jax.export --run runs/smollm2_demo --format peft|orbax|merged|bnb4bit --out DIR
 The adapter is the run's latest train checkpoint if it has one, else its exported adapter/.
 """
 
@@ -18,12 +19,13 @@ import ml_collections
 
 from qlora_jax import lora as lora_lib
 from qlora_jax.io import checkpoint, peft
+from qlora_jax.models.frozen import Quantization
 from qlora_jax.train import build, config
 from qlora_jax.train.config import RunConfig
 from qlora_jax.train.optim import make_optimizer
 from qlora_jax.train.state import abstract_state
 
-FORMATS = ("peft", "orbax", "merged")
+FORMATS = ("peft", "orbax", "merged", "bnb4bit")
 
 
 def load_run(run_dir: str) -> tuple[RunConfig, Any, Any, Any, Any, str]:
@@ -59,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float16", "float32"],
-        help="merged weights' dtype",
+        help="dtype of the dense tensors (merged: all; bnb4bit: all but the 4-bit linears)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="bnb4bit: fold the adapters in and requantize the linears (reports the requantization error)",
     )
     parser.add_argument(
         "--requantize_error",
@@ -78,6 +85,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoint.save_adapter_orbax(
             args.out, lora, peft.peft_config_dict(lora_cfg, base), base, fingerprint
         )
+    elif args.format == "bnb4bit":
+        from qlora_jax.io import hf_export
+
+        quant = run.model.quantization if run.model.quantization.quant_type else Quantization()
+        merge = (lora, quant) if args.merge else None
+        try:
+            info = hf_export.save_bnb4bit(args.out, model.config, frozen, tokenizer, args.dtype, merge)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        print(f"bnb-4bit model: {info['bytes'] / 2**20:.0f} MiB in {info['files']}")
+        if args.merge:
+            merged = hf_export.merged_weights(frozen, lora, "float32")
+            print(
+                f"re-quantizing the merged linears to NF4 adds "
+                f"{hf_export.requantization_error(merged, quant.block_size):.4f} relative RMS error"
+            )
     else:
         from qlora_jax.io import hf_export
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.io import bnb4bit
 from qlora_jax.io import gguf as gguf_io
 from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
 from qlora_jax.models.frozen import Quantization, build_frozen
@@ -62,20 +63,27 @@ def _hf_dir(path: str) -> str:
 # --- Hugging Face directories -------------------------------------------------------------------
 
 
-def _hf_config(path: str, runtime: dict[str, Any]) -> LlamaConfig:
+def _hf_json(path: str) -> dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
             f"{config_path} not found: a HF model directory needs config.json next to its *.safetensors"
         )
     with open(config_path) as f:
-        return from_hf_config(json.load(f), **runtime)
+        return json.load(f)
 
 
-def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callable[[str], np.ndarray]]:
+def _hf_config(path: str, runtime: dict[str, Any]) -> LlamaConfig:
+    return from_hf_config(_hf_json(path), **runtime)
+
+
+def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callable[[str], Any]]:
+    """read(name) of a HF directory: a numpy array, or an NF4Tensor for a weight that a
+    bitsandbytes 4-bit checkpoint stores quantized (its bytes as stored)."""
     from qlora_jax.io.safetensors_stream import SafetensorsFile
 
-    cfg = _hf_config(path, runtime)
+    hf_json = _hf_json(path)
+    cfg = from_hf_config(hf_json, **runtime)
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_path):
         with open(index_path) as f:
@@ -87,13 +95,29 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     files: dict[str, SafetensorsFile] = {}
 
-    def read(name: str) -> np.ndarray:
+    def read_stored(name: str) -> np.ndarray:
         if name not in weight_map:
             raise KeyError(f"{listed_in}: no tensor {name!r} (the model's config.json needs it)")
         file = weight_map[name]
         if file not in files:
             files[file] = SafetensorsFile(os.path.join(path, file))
         return files[file].read(name)
+
+    quantized = bnb4bit.quantization_config(hf_json, os.path.join(path, "config.json"))
+    if quantized is None:
+        return cfg, read_stored
+    if quantized.get("load_in_8bit"):
+        first = "model.layers.0.self_attn.q_proj.weight"
+        raise ValueError(
+            f"{os.path.join(path, weight_map.get(first, 'model.safetensors'))}: {first} is an 8-bit "
+            "(LLM.int8, load_in_8bit) weight; 8-bit checkpoints are not supported: use a 4-bit "
+            "(load_in_4bit) or a 16-bit checkpoint"
+        )
+
+    def read(name: str) -> Any:
+        if name in weight_map and bnb4bit.is_quantized(name, weight_map):
+            return bnb4bit.read_linear(name, weight_map, read_stored, os.path.join(path, weight_map[name]))
+        return read_stored(name)
 
     return cfg, read
 

@@ -1,5 +1,6 @@
-"""Merged export: the dequantized base with the adapters folded in, as a HF safetensors directory
-that transformers loads (config.json, sharded model safetensors + index, tokenizer files)."""
+"""HF exports that transformers loads (config.json, sharded model safetensors + index, tokenizer
+files): the merged model (the dequantized base with the adapters folded in), and the 4-bit base in
+the bitsandbytes format (as loaded or quantized by us, or merged and requantized)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import ml_dtypes
 import numpy as np
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.io import bnb4bit
 from qlora_jax.io.safetensors_stream import write
 from qlora_jax.models.config import LlamaConfig, to_hf_config
-from qlora_jax.models.frozen import LAYER_NORMS, LINEARS
+from qlora_jax.models.frozen import LAYER_NORMS, LINEARS, Quantization
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize, quantize
 
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -44,46 +46,44 @@ def requantization_error(merged: dict[str, Any], block_size: int = 64) -> float:
     return float(np.sqrt(err / ref))
 
 
-def _hf_tensors(merged: dict[str, Any], cfg: LlamaConfig, dtype: str):
+def _hf_tensors(tree: dict[str, Any], cfg: LlamaConfig, dtype: str):
+    """(HF name, numpy tensor) of every weight, layer by layer: dense leaves in `dtype`, NF4
+    linears as the tensors bitsandbytes saves for them."""
     store = STORE_DTYPES[dtype]
 
     def arr(x: Any) -> np.ndarray:
         return np.asarray(jnp.asarray(x, jnp.float32)).astype(store)
 
-    yield "model.embed_tokens.weight", arr(merged["embed_tokens"]["weight"])
+    def weight(name: str, w: Any) -> dict[str, np.ndarray]:
+        if isinstance(w, NF4Tensor):
+            return bnb4bit.linear_tensors(name, w)
+        return {name: arr(w)}
+
+    yield "model.embed_tokens.weight", arr(tree["embed_tokens"]["weight"])
     for i in range(cfg.num_layers):
         layer = {}
         for norm in LAYER_NORMS:
-            layer[f"model.layers.{i}.{norm}.weight"] = arr(merged["layers"][norm]["weight"][i])
+            layer[f"model.layers.{i}.{norm}.weight"] = arr(tree["layers"][norm]["weight"][i])
         for group, names in LINEARS.items():
             for name in names:
-                params = merged["layers"][group][name]
-                layer[f"model.layers.{i}.{group}.{name}.weight"] = arr(params["weight"][i])
+                params = jax.tree.map(lambda x, i=i: x[i], tree["layers"][group][name])
+                layer |= weight(f"model.layers.{i}.{group}.{name}.weight", params["weight"])
                 if "bias" in params:
-                    layer[f"model.layers.{i}.{group}.{name}.bias"] = arr(params["bias"][i])
+                    layer[f"model.layers.{i}.{group}.{name}.bias"] = arr(params["bias"])
         yield from layer.items()
-    yield "model.norm.weight", arr(merged["norm"]["weight"])
+    yield "model.norm.weight", arr(tree["norm"]["weight"])
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", arr(merged["lm_head"]["weight"])
+        yield from weight("lm_head.weight", tree["lm_head"]["weight"]).items()
 
 
-def save_merged(
-    directory: str,
-    cfg: LlamaConfig,
-    frozen: Any,
-    lora: Any | None,
-    tokenizer: Any = None,
-    dtype: str = "bfloat16",
-    shard_bytes: int = 2 * 2**30,
+def _write(
+    directory: str, tensors: Any, hf_config: dict[str, Any], tokenizer: Any, shard_bytes: int
 ) -> dict[str, Any]:
-    """Write the merged model; returns {"files": [...], "bytes": n}. Shards of about `shard_bytes`."""
-    if dtype not in STORE_DTYPES:
-        raise ValueError(f"merged dtype {dtype!r} unknown; valid: {sorted(STORE_DTYPES)}")
+    """Shards of about `shard_bytes` (+ index when several), config.json and the tokenizer."""
     os.makedirs(directory, exist_ok=True)
-    merged = merged_weights(frozen, lora, "float32")
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
     size = total = 0
-    for name, tensor in _hf_tensors(merged, cfg, dtype):
+    for name, tensor in tensors:
         if size and size + tensor.nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -103,7 +103,76 @@ def save_merged(
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(to_hf_config(cfg) | {"torch_dtype": dtype}, f, indent=2)
+        json.dump(hf_config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return {"files": files, "bytes": total}
+
+
+def save_merged(
+    directory: str,
+    cfg: LlamaConfig,
+    frozen: Any,
+    lora: Any | None,
+    tokenizer: Any = None,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 2 * 2**30,
+) -> dict[str, Any]:
+    """Write the merged model; returns {"files": [...], "bytes": n}. Shards of about `shard_bytes`."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"merged dtype {dtype!r} unknown; valid: {sorted(STORE_DTYPES)}")
+    merged = merged_weights(frozen, lora, "float32")
+    hf_config = to_hf_config(cfg) | {"torch_dtype": dtype}
+    return _write(directory, _hf_tensors(merged, cfg, dtype), hf_config, tokenizer, shard_bytes)
+
+
+def requantized(merged: dict[str, Any], quant: Quantization) -> dict[str, Any]:
+    """The merged tree with every per-layer linear quantized again (layer by layer) as `quant`."""
+    layers = dict(merged["layers"])
+    for group, names in LINEARS.items():
+        layers[group] = dict(layers[group])
+        for name in names:
+            params = dict(layers[group][name])
+            w = jnp.asarray(params["weight"], jnp.float32)
+            stacked = [
+                jax.device_get(quantize(w[i], quant.block_size, quant.double_quant, quant.quant_type))
+                for i in range(w.shape[0])
+            ]
+            params["weight"] = jax.tree.map(lambda *leaves: np.stack(leaves), *stacked)
+            layers[group][name] = params
+    return merged | {"layers": layers}
+
+
+def save_bnb4bit(
+    directory: str,
+    cfg: LlamaConfig,
+    frozen: Any,
+    tokenizer: Any = None,
+    dtype: str = "bfloat16",
+    merge: tuple[Any, Quantization] | None = None,
+    shard_bytes: int = 2 * 2**30,
+) -> dict[str, Any]:
+    """Write the 4-bit base in the bitsandbytes format that `AutoModelForCausalLM.from_pretrained`
+    loads: NF4 linears byte for byte as they are in `frozen`, dense tensors in `dtype` (also the
+    compute dtype in the config). merge=(lora, quant): the adapters folded in and the linears
+    requantized as `quant` first."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"bnb4bit dtype {dtype!r} unknown; valid: {sorted(STORE_DTYPES)}")
+    tree = frozen
+    if merge is not None:
+        lora, quant = merge
+        tree = requantized(merged_weights(frozen, lora, "float32"), quant)
+    linears = [tree["layers"][group][name]["weight"] for group, names in LINEARS.items() for name in names]
+    if not all(isinstance(w, NF4Tensor) for w in linears):
+        raise ValueError(
+            "the base is not stored in 4 bits (quantization none): export --format merged instead"
+        )
+    first = linears[0]
+    quant = Quantization(first.quant_type, first.block_size, first.double_quant)
+    # transformers keeps the output head in 16 bits unless told to skip nothing ([] quantizes it)
+    skip = [] if isinstance(tree.get("lm_head", {}).get("weight"), NF4Tensor) else None
+    hf_config = to_hf_config(cfg) | {
+        "torch_dtype": dtype,
+        "quantization_config": bnb4bit.config_entry(quant, dtype, skip),
+    }
+    return _write(directory, _hf_tensors(tree, cfg, dtype), hf_config, tokenizer, shard_bytes)

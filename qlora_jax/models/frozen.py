@@ -68,10 +68,24 @@ def _quantize(w: jax.Array, quant: Quantization, dtype: str) -> nf4.NF4Tensor:
 
 
 def store_linear(w_OxI: Any, quant: Quantization, dtype: str):
-    """One (out, in) weight as it lives in the frozen tree: NF4Tensor or dense `dtype` array."""
+    """One (out, in) weight as it lives in the frozen tree: NF4Tensor or dense `dtype` array. A
+    weight read already quantized (a bitsandbytes 4-bit checkpoint) stays as stored, bytes and
+    all, unless the run asks for dense weights."""
+    if isinstance(w_OxI, nf4.NF4Tensor):
+        return nf4.dequantize(w_OxI, dtype) if quant.quant_type is None else w_OxI
     if quant.quant_type is None:
         return jnp.asarray(w_OxI, dtype)
     return _quantize(jnp.asarray(w_OxI), quant, dtype)
+
+
+def _check_stored_quantization(name: str, w: Any, quant: Quantization) -> None:
+    """A stored 4-bit weight is taken as it is: a run asking for another 4-bit type would
+    silently get the stored one, so that stops here."""
+    if isinstance(w, nf4.NF4Tensor) and quant.quant_type not in (None, w.quant_type):
+        raise ValueError(
+            f"{name} is stored {w.quant_type} in the checkpoint; quantization={quant.quant_type!r} would "
+            f"requantize it: use {w.quant_type!r} (as stored) or 'none' (dequantized)"
+        )
 
 
 class _LayerStack:
@@ -82,8 +96,13 @@ class _LayerStack:
         self.buffers: list[np.ndarray] | None = None
         self.treedef = None
 
-    def put(self, index: int, value: Any) -> None:
+    def put(self, index: int, value: Any, name: str = "") -> None:
         leaves, treedef = jax.tree_util.tree_flatten(value)
+        if self.treedef is not None and treedef != self.treedef:
+            raise ValueError(
+                f"{name} is stored differently from the same module of layer 0 (e.g. 4-bit in one layer, "
+                "16-bit in another); every layer's module must be stored alike"
+            )
         if self.buffers is None:
             self.treedef = treedef
             self.buffers = [np.empty((self.num_layers, *np.shape(x)), np.asarray(x).dtype) for x in leaves]
@@ -103,18 +122,21 @@ def build_frozen(
     """The frozen tree on host, layer by layer: only one layer's unquantized weights exist at a time.
 
     read(name) returns the tensor with HF's LlamaForCausalLM name, e.g.
-    "model.layers.3.self_attn.q_proj.weight", as a numpy array.
+    "model.layers.3.self_attn.q_proj.weight", as a numpy array (or an NF4Tensor when the
+    checkpoint stores that weight in 4 bits).
     """
     stacks: dict[tuple[str, ...], _LayerStack] = {}
 
     def put(key: tuple[str, ...], index: int, value: Any) -> None:
-        stacks.setdefault(key, _LayerStack(cfg.num_layers)).put(index, value)
+        name = f"model.layers.{index}.{'.'.join(key)}"
+        stacks.setdefault(key, _LayerStack(cfg.num_layers)).put(index, value, name)
 
     for i in range(cfg.num_layers):
         for norm in LAYER_NORMS:
             put((norm, "weight"), i, np.asarray(read(f"model.layers.{i}.{norm}.weight"), np.float32))
         for (group, name), (out_dim, in_dim) in linear_shapes(cfg).items():
             w = read(f"model.layers.{i}.{group}.{name}.weight")
+            _check_stored_quantization(f"model.layers.{i}.{group}.{name}.weight", w, quant)
             if tuple(np.shape(w)) != (out_dim, in_dim):
                 raise ValueError(
                     f"layer {i} {group}.{name}.weight has shape {tuple(np.shape(w))}, "
@@ -139,10 +161,11 @@ def build_frozen(
         "norm": {"weight": np.asarray(read("model.norm.weight"), np.float32)},
     }
     if not cfg.tie_word_embeddings:
-        head_quant = quant if quant.lm_head else Quantization(None)
-        frozen["lm_head"] = {
-            "weight": jax.device_get(store_linear(read("lm_head.weight"), head_quant, dtype))
-        }
+        head = read("lm_head.weight")
+        _check_stored_quantization("lm_head.weight", head, quant)
+        stored_4bit = isinstance(head, nf4.NF4Tensor)
+        head_quant = quant if quant.lm_head or stored_4bit else Quantization(None)
+        frozen["lm_head"] = {"weight": jax.device_get(store_linear(head, head_quant, dtype))}
     return frozen
 
 
