@@ -45,6 +45,15 @@ LORA_RULES: tuple[tuple[str, P], ...] = (
     (r"/bias$", P(ROWS)),
     (r".*", P()),  # scale
 )
+# AdamW moments: split like the LoRA leaves they track and, beyond that, over the data axis
+# (ZeRO-1): each data-parallel rank keeps and updates 1/data of the state, and moves only that
+# share to and from host memory when it is offloaded. XLA gathers the updated adapters back.
+OPT_STATE_RULES: tuple[tuple[str, P], ...] = (
+    (r"/a$", P(("fsdp", "data"), None)),
+    (r"/b$", P(None, ("fsdp", "tensor", "data"))),
+    (r"/bias$", P(("fsdp", "tensor", "data"))),
+    (r".*", P()),  # counters
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +178,9 @@ def lora_shardings(mesh: Mesh, lora: Any) -> Any:
 
 
 def opt_state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
-    """Moments split like the LoRA leaves they track (the same path suffix and shape, so the
-    LoRA rules apply to them as they are); counters replicated."""
-    return tree_shardings(mesh, abstract_state, LORA_RULES, stack_dims=1)
+    """Moments split like the LoRA leaves they track (the same path suffix and shape) and over the
+    data axis too (OPT_STATE_RULES); counters replicated."""
+    return tree_shardings(mesh, abstract_state, OPT_STATE_RULES, stack_dims=1)
 
 
 def batch_sharding(mesh: Mesh, leading_micro_axis: bool) -> NamedSharding:
