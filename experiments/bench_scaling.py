@@ -35,8 +35,10 @@ def run_layout(
     sizes = dict(kv.split("=") for kv in mesh_spec.split(";"))
     mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n_devices])
-    model, frozen = llama.random_init(preset, quantization="nf4", dtype="bfloat16", remat_policy="full")
-    frozen = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
+    model, frozen = llama.random_init(
+        preset, quantization="nf4", dtype="bfloat16", remat_policy="full", mesh=mesh
+    )
+    load_peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     lora_shardings = sharding.lora_shardings(mesh, tree)
@@ -60,6 +62,7 @@ def run_layout(
         "tokens_per_s": batch * seq / step,
         "global_batch": batch,
         "peak_mem_gib_per_device": peaks,
+        "load_peak_gib_per_device": load_peaks,
         "frozen_gib_per_device": sharding.per_device_bytes(frozen) / 2**30,
         "loss": float(metrics["loss"]),
         "jax": jax.__version__,

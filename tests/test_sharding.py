@@ -124,6 +124,26 @@ def test_fsdp_divides_the_frozen_bytes_per_device():
     assert total / 8 <= per_device <= total / 8 + norms + 64, (per_device, total)
 
 
+def test_random_init_and_loading_go_straight_to_each_devices_share(tmp_path):
+    """Built or loaded with a mesh, the base is the same bytes as on one device, already split:
+    each device's buffers hold its share (the building program's own per-device output too)."""
+    from tests.models.hf_reference import hf_model, save
+
+    mesh = sharding.make_mesh(LAYOUTS["fsdp"])
+    path = save(hf_model(MODEL), tmp_path / "hf")
+    for load in (
+        lambda mesh: llama.random_init(MODEL, quantization="nf4", dtype="float32", mesh=mesh)[1],
+        lambda mesh: llama.from_pretrained(path, quantization="nf4", dtype="float32", mesh=mesh)[1],
+    ):
+        whole, split = load(None), load(mesh)
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(split), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        shardings = jax.tree.leaves(sharding.frozen_shardings(mesh, whole))
+        assert all(x.sharding == want for x, want in zip(jax.tree.leaves(split), shardings, strict=True))
+        total = sum(x.nbytes for x in jax.tree.leaves(whole))
+        assert sharding.per_device_bytes(split) < total / 4
+
+
 def test_nf4_shards_dequantize_their_own_rows():
     _, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
     weight = frozen["layers"]["mlp"]["gate_proj"]["weight"]

@@ -36,6 +36,8 @@ def base_fingerprint(model_cfg: LlamaConfig, frozen: Any) -> str:
     """sha256 over the architecture and a sample of every frozen leaf (first and last 4 KiB)."""
     digest = hashlib.sha256(json.dumps(_architecture(model_cfg)).encode())
     for leaf in jax.tree.leaves(frozen):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # split over processes
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         flat = np.asarray(leaf).reshape(-1).view(np.uint8)
         digest.update(str(leaf.shape).encode())
         digest.update(flat[:4096].tobytes())

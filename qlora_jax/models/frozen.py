@@ -192,11 +192,14 @@ def random_init(
     quant: Quantization = Quantization(),
     dtype: str = "bfloat16",
     std: float = 0.02,
+    shardings: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
-    """A frozen tree of random weights built on the default device, quantized one layer at a time.
+    """A frozen tree of random weights built on the device, quantized one layer at a time.
 
     Each projection is generated for all layers inside `lax.map`, so device memory holds one
     layer's 16-bit weight next to the quantized stack: a 70B-shape model fits where its NF4 form fits.
+    `shardings(abstract tree)` places the result on a mesh as it is built: each device keeps only
+    its share (the random values do not depend on the placement).
     """
     shapes = linear_shapes(cfg)
 
@@ -208,7 +211,6 @@ def random_init(
 
         return jax.lax.map(one, jax.random.split(key, cfg.num_layers))
 
-    @jax.jit
     def build(key: jax.Array) -> dict[str, Any]:
         k_embed, k_head, k_layers = jax.random.split(key, 3)
         embed = _random_table(k_embed, (cfg.vocab_size, cfg.hidden_size), dtype, std)
@@ -232,4 +234,5 @@ def random_init(
             frozen["lm_head"] = {"weight": store_linear(head, head_quant, dtype)}
         return frozen
 
-    return build(rng)
+    out_shardings = None if shardings is None else shardings(jax.eval_shape(build, rng))
+    return jax.jit(build, out_shardings=out_shardings)(rng)

@@ -7,11 +7,13 @@ library's own modules import models.decoder, never this one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from qlora_jax import sharding
 from qlora_jax.io import hf
 from qlora_jax.models import frozen as frozen_lib
 from qlora_jax.models.config import LlamaConfig
@@ -26,28 +28,33 @@ def from_pretrained(
     path: str,
     quantization: str | Quantization | None = "nf4",
     dtype: Any = "bfloat16",
+    mesh: jax.sharding.Mesh | None = None,
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
-    """(model, frozen tree on the default device) from a HF directory or a GGUF file.
+    """(model, frozen tree on the default device, or split over `mesh`) from a HF directory or a
+    GGUF file.
 
     `dtype` is both the compute dtype and the storage dtype of dense weights (embeddings,
-    unquantized linears); linears are quantized as they are read. `runtime` overrides
-    LlamaConfig's runtime fields (remat_policy, scan_layers, attention_impl).
+    unquantized linears); linears are quantized as they are read. With a mesh each leaf goes
+    straight to its shards (sharding.frozen_shardings): no device ever holds the whole base.
+    `runtime` overrides LlamaConfig's runtime fields (remat_policy, scan_layers, attention_impl).
     """
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg, frozen = hf.load(path, quant, dtype, dtype=dtype, **runtime)
-    return Llama(cfg), _device_put_consuming(frozen)
+    shardings = None if mesh is None else sharding.frozen_shardings(mesh, frozen)
+    return Llama(cfg), _device_put_consuming(frozen, shardings)
 
 
-def _device_put_consuming(host_tree: dict[str, Any]) -> Any:
-    """Move a host tree to the device leaf by leaf, freeing each host buffer once it is copied,
-    so host memory peaks at the tree plus one leaf, not twice the tree."""
+def _device_put_consuming(host_tree: dict[str, Any], shardings: Any = None) -> Any:
+    """Move a host tree to the device (or to `shardings`) leaf by leaf, freeing each host buffer
+    once it is copied, so host memory peaks at the tree plus one leaf, not twice the tree."""
     leaves, treedef = jax.tree.flatten(host_tree)
+    targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
     host_tree.clear()
     moved = []
     for i in range(len(leaves)):
-        moved.append(jax.block_until_ready(jax.device_put(leaves[i])))
+        moved.append(jax.block_until_ready(sharding.place(leaves[i], targets[i])))
         leaves[i] = None
     return jax.tree.unflatten(treedef, moved)
 
@@ -57,11 +64,14 @@ def random_init(
     quantization: str | Quantization | None = "nf4",
     dtype: Any = "bfloat16",
     seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
-    """(model, frozen tree) of a named shape with random weights, built and quantized on device."""
+    """(model, frozen tree) of a named shape with random weights, built and quantized on device
+    (with a mesh: on every device at once, each keeping only its share)."""
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg = named_preset(preset) if isinstance(preset, str) else preset
     cfg = cfg.replace(dtype=dtype, **runtime)
-    return Llama(cfg), frozen_lib.random_init(cfg, jax.random.key(seed), quant, dtype)
+    shardings = None if mesh is None else functools.partial(sharding.frozen_shardings, mesh)
+    return Llama(cfg), frozen_lib.random_init(cfg, jax.random.key(seed), quant, dtype, shardings=shardings)

@@ -45,11 +45,12 @@ def open_model(run: RunConfig) -> tuple[str, LlamaConfig, Any]:
     return path, model_cfg, tokenizer
 
 
-def load_weights(m: ModelSettings, path: str, seed: int) -> tuple[Llama, Any]:
-    """(model, frozen): random weights for a preset name, else streamed and quantized from the file."""
+def load_weights(m: ModelSettings, path: str, seed: int, mesh: Any = None) -> tuple[Llama, Any]:
+    """(model, frozen): random weights for a preset name, else streamed and quantized from the file;
+    with a mesh each device gets only its share (never the whole base)."""
     if path in PRESETS:
-        return llama.random_init(path, m.quantization, m.dtype, seed=seed, **runtime(m))
-    return llama.from_pretrained(path, m.quantization, m.dtype, **runtime(m))
+        return llama.random_init(path, m.quantization, m.dtype, seed=seed, mesh=mesh, **runtime(m))
+    return llama.from_pretrained(path, m.quantization, m.dtype, mesh=mesh, **runtime(m))
 
 
 def load_model(run: RunConfig) -> tuple[Llama, Any, Any]:

@@ -58,9 +58,8 @@ def build_run(run: RunConfig) -> Run:
         f"data: {len(batches.examples)} train rows -> {batches.batches_per_epoch()} batches/epoch "
         f"({batches.truncation.describe()}); {len(eval_rows)} eval rows"
     )
-    model, frozen = build.load_weights(run.model, base_path, run.train.seed)
-    fingerprint = checkpoint.base_fingerprint(model.config, frozen)  # before the base is split
-    frozen = sharding.place(frozen, sharding.frozen_shardings(mesh, frozen))
+    model, frozen = build.load_weights(run.model, base_path, run.train.seed, mesh)  # split as it loads
+    fingerprint = checkpoint.base_fingerprint(model.config, frozen)
     print(lora_lib.trainable_parameters_line(model.config, run.lora))
     init_key, run_key = jax.random.split(jax.random.key(run.train.seed))
     lora = lora_lib.init_lora(init_key, frozen, model.config, run.lora)
