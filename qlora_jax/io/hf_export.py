@@ -15,7 +15,7 @@ import numpy as np
 from qlora_jax import lora as lora_lib
 from qlora_jax.io.safetensors_stream import write
 from qlora_jax.models.config import LlamaConfig, to_hf_config
-from qlora_jax.models.frozen import LAYER_NORMS, LINEARS
+from qlora_jax.models.frozen import LINEARS, layer_norms
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize, quantize
 
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -53,8 +53,11 @@ def _hf_tensors(merged: dict[str, Any], cfg: LlamaConfig, dtype: str):
     yield "model.embed_tokens.weight", arr(merged["embed_tokens"]["weight"])
     for i in range(cfg.num_layers):
         layer = {}
-        for norm in LAYER_NORMS:
-            layer[f"model.layers.{i}.{norm}.weight"] = arr(merged["layers"][norm]["weight"][i])
+        for path in layer_norms(cfg):
+            node = merged["layers"]
+            for part in path:
+                node = node[part]
+            layer[f"model.layers.{i}.{'.'.join(path)}.weight"] = arr(node["weight"][i])
         for group, names in LINEARS.items():
             for name in names:
                 params = merged["layers"][group][name]
