@@ -8,7 +8,7 @@ from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig, from_hf_config, to_hf_config
 from qlora_jax.models.presets import PRESETS, preset
 from qlora_jax.quant import nf4
-from tests.models.hf_reference import save, small_config
+from tests.models.hf_reference import family_config, save, small_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -77,6 +77,17 @@ def test_random_init_dense_and_untied_head():
 def test_bad_input_is_named(make, match):
     with pytest.raises((ValueError, FileNotFoundError, TypeError), match=match):
         make()
+
+
+def test_qwen_config_json_fields_as_transformers_reads_them():
+    qwen2 = to_hf_config(family_config("qwen2")) | {"sliding_window": 131072, "max_window_layers": 28}
+    assert from_hf_config(qwen2).sliding_window is None  # Qwen2.5's config.json: window off
+    with pytest.raises(ValueError, match=r"^model_type 'qwen2' with use_sliding_window=true .* layers \[1\]"):
+        from_hf_config(qwen2 | {"use_sliding_window": True, "max_window_layers": 1})
+    qwen3 = to_hf_config(family_config("qwen3"))
+    assert from_hf_config(qwen3, dtype="float32") == family_config("qwen3")
+    del qwen3["head_dim"]  # Qwen3Config's default is 128, not hidden / heads
+    assert from_hf_config(qwen3).head_dim == 128
 
 
 def test_checkpoint_with_wrong_shape_names_the_tensor(tmp_path):
