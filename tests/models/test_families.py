@@ -1,6 +1,7 @@
 """Qwen2 and Qwen3 against transformers and peft on small random models of each family (fp32, CPU):
-loading, logits with padding and packing, greedy generation, PEFT adapters both ways, merged
-export, sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io) cover the rest.
+loading (safetensors and GGUF), logits with padding and packing, greedy generation, PEFT adapters
+both ways, merged export, sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io)
+cover the rest.
 
 Tolerance 1e-4 relative to the largest logit: both sides compute in float32 with different
 summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, or a wrong head_dim, moves
@@ -134,6 +135,47 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
     assert merged.config.model_type == name
     tokens = _tokens(2, 10)
     assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(merged.eval(), tokens)) < TOL
+
+
+def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
+    """ref's float32 weights as llama.cpp's converter writes a Qwen GGUF: its metadata keys, gguf's
+    own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only)."""
+    import gguf
+
+    arch = gguf.MODEL_ARCH.QWEN2 if cfg.model_type == "qwen2" else gguf.MODEL_ARCH.QWEN3
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for name, tensor in ref.state_dict().items():
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
+    # the GGUF holds the same float32 values: the same config and a bit-equal frozen tree give the
+    # logits already shown equal to transformers', with no forward. GGUF carries no token ids here
+    # and stores eps as float32 (1e-6 reads back as 9.99999997e-7: 3e-15 in the norm's denominator)
+    _, ref, _, model, frozen = family
+    path = _write_gguf(str(tmp_path / "model.gguf"), ref, model.config)
+    from_gguf, frozen_gguf = llama.from_pretrained(path, quantization=None, dtype="float32")
+    eps = from_gguf.config.rms_norm_eps
+    assert eps == pytest.approx(model.config.rms_norm_eps, rel=1e-7)
+    assert from_gguf.config == model.config.replace(bos_token_id=None, eos_token_ids=(), rms_norm_eps=eps)
+    jax.tree.map(np.testing.assert_array_equal, frozen_gguf, frozen)
 
 
 def test_sharded_forward_equals_one_device(family, adapted):
