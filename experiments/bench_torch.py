@@ -16,7 +16,8 @@ from qlora_jax.models.presets import preset
 
 
 def quantize_linears(model: torch.nn.Module) -> None:
-    """Swap every decoder nn.Linear for bnb Linear4bit (NF4 + double quant, bf16 compute), in place."""
+    """Swap every decoder nn.Linear for bnb Linear4bit (NF4 + double quant, bf16 compute, its bias
+    kept), in place."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
@@ -24,7 +25,7 @@ def quantize_linears(model: torch.nn.Module) -> None:
                     q = bnb.nn.Linear4bit(
                         child.in_features,
                         child.out_features,
-                        bias=False,
+                        bias=child.bias is not None,  # Qwen2's q/k/v
                         compute_dtype=torch.bfloat16,
                         compress_statistics=True,
                         quant_type="nf4",
@@ -33,6 +34,8 @@ def quantize_linears(model: torch.nn.Module) -> None:
                     q.weight = bnb.nn.Params4bit(
                         child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
                     ).to("cuda")
+                    if child.bias is not None:
+                        q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                     setattr(parent, name, q)
                     del child
         torch.cuda.empty_cache()
@@ -42,9 +45,9 @@ def main() -> None:
     a = torch_steps.parser().parse_args()
     cfg = preset(a.preset)
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
+    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), attn_implementation="sdpa")
+    with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
     quantize_linears(model)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -44,9 +44,9 @@ def saved_random_model(name: str, root: str) -> str:
         return directory
     cfg = preset(name)
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg))
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
+    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg))
+    with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
     model.save_pretrained(directory, max_shard_size="4GB")
     word_level_tokenizer(cfg.vocab_size).save_pretrained(directory)
     del model

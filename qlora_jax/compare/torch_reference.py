@@ -72,11 +72,17 @@ def _frozen_tensor(frozen: dict, name: str) -> np.ndarray:
     return np.asarray(node[int(parts[2])])
 
 
-def hf_model_from_frozen(model_cfg: LlamaConfig, frozen: dict) -> transformers.LlamaForCausalLM:
-    """A float32 transformers LLaMA holding exactly the weights of a dense (unquantized) frozen tree."""
-    hf_cfg = transformers.LlamaConfig(**to_hf_config(model_cfg))
+def hf_config(model_cfg: LlamaConfig) -> transformers.PretrainedConfig:
+    """The transformers config of model_cfg's family (LlamaConfig, Qwen2Config, ...)."""
+    return transformers.AutoConfig.for_model(**to_hf_config(model_cfg))
+
+
+def hf_model_from_frozen(model_cfg: LlamaConfig, frozen: dict) -> transformers.PreTrainedModel:
+    """A float32 transformers model of model_cfg's family holding exactly the weights of a dense
+    (unquantized) frozen tree."""
+    hf_cfg = hf_config(model_cfg)
     hf_cfg.use_cache = False
-    model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied head is listed once, as the embedding
             param.copy_(torch.from_numpy(_frozen_tensor(frozen, name).astype(np.float32)))

@@ -23,12 +23,22 @@ from jax.experimental import multihost_utils
 
 from qlora_jax.models.config import LlamaConfig
 
+# Fields added after checkpoints existed, left out of the fingerprint at these values so that
+# older checkpoints still match their base (seq_tile and dequant_slices always: they are how to
+# run, not what).
+LATER_FIELDS = {"qkv_bias": False, "qk_norm": False}
+
 
 def _architecture(model_cfg: LlamaConfig) -> str:
     """The config's repr with how-to-run fields neutralized, as fingerprints have always hashed it;
-    the how-to-run fields added later are left out so that older checkpoints still match their base."""
+    the fields added later are left out (see LATER_FIELDS)."""
     cfg = model_cfg.replace(dtype="-", remat_policy="none")
-    fields = [f.name for f in dataclasses.fields(cfg) if f.name not in ("seq_tile", "dequant_slices")]
+    fields = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.name not in ("seq_tile", "dequant_slices")
+        and not (f.name in LATER_FIELDS and getattr(cfg, f.name) == LATER_FIELDS[f.name])
+    ]
     return f"{type(cfg).__qualname__}({', '.join(f'{name}={getattr(cfg, name)!r}' for name in fields)})"
 
 

@@ -1,4 +1,4 @@
-"""Load LLaMA-family checkpoints (HF directory or GGUF file) into a config and a frozen tree.
+"""Load checkpoints of every supported family (HF directory or GGUF file) into a config and a frozen tree.
 
 Streamed: tensors are read one at a time, linears quantized as they arrive, so host memory holds
 the quantized model plus one tensor, never the whole model in 16 bits.
@@ -28,7 +28,10 @@ GGUF_NAMES = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama.cpp's general.architecture values we read
 
 
 def is_gguf(path: str) -> bool:
@@ -137,34 +140,44 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
-    """LlamaConfig from a GGUF file's llama.* metadata (`path` names the file in errors)."""
+    """LlamaConfig from a GGUF file's `{architecture}.*` metadata (`path` names the file in errors)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; valid: 'llama'")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; valid: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
     names = {t.name for t in reader.tensors}
     if "token_embd.weight" not in names:
         raise KeyError(f"{path}: GGUF file has no tensor 'token_embd.weight'")
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    num_heads = int(_field(reader, "llama.attention.head_count"))
-    scaling_type = _field(reader, "llama.rope.scaling.type", "none")
+    num_heads = int(meta("attention.head_count"))
+    scaling_type = meta("rope.scaling.type", "none")
     scaling = RopeScaling()
     if scaling_type == "linear":
-        scaling = RopeScaling("linear", float(_field(reader, "llama.rope.scaling.factor")))
+        scaling = RopeScaling("linear", float(meta("rope.scaling.factor")))
     elif scaling_type not in ("none", None):
         raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported; valid: none, linear")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    head_dim = meta("attention.key_length")
     return LlamaConfig(
         vocab_size=int(embed.shape[-1]),
-        hidden_size=int(_field(reader, "llama.embedding_length")),
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_layers=int(_field(reader, "llama.block_count")),
+        hidden_size=int(meta("embedding_length")),
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
         num_heads=num_heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", num_heads)),
-        rms_norm_eps=float(np.float32(_field(reader, "llama.attention.layer_norm_rms_epsilon"))),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
+        head_dim=None if head_dim is None else int(head_dim),
+        rms_norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        max_position_embeddings=int(_field(reader, "llama.context_length", 4096)),
+        max_position_embeddings=int(meta("context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
@@ -211,6 +224,8 @@ def _gguf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Calla
                 f"{path}: {gguf_name} has GGUF type {tensor.tensor_type.name}, "
                 "which the gguf package cannot dequantize"
             ) from err
+        if cfg.model_type != "llama":  # llama.cpp permutes q/k rows of LLaMA only, not of Qwen
+            return values
         if name.endswith("q_proj.weight"):
             values = unpermute_qk(values, cfg.num_heads)
         elif name.endswith("k_proj.weight"):

@@ -17,7 +17,7 @@ from qlora_jax import lora as lora_lib
 from qlora_jax.io import bnb4bit
 from qlora_jax.io.safetensors_stream import write
 from qlora_jax.models.config import LlamaConfig, to_hf_config
-from qlora_jax.models.frozen import LAYER_NORMS, LINEARS, Quantization
+from qlora_jax.models.frozen import LINEARS, Quantization, layer_norms
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize, quantize
 
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -62,8 +62,11 @@ def _hf_tensors(tree: dict[str, Any], cfg: LlamaConfig, dtype: str):
     yield "model.embed_tokens.weight", arr(tree["embed_tokens"]["weight"])
     for i in range(cfg.num_layers):
         layer = {}
-        for norm in LAYER_NORMS:
-            layer[f"model.layers.{i}.{norm}.weight"] = arr(tree["layers"][norm]["weight"][i])
+        for path in layer_norms(cfg):
+            node = tree["layers"]
+            for part in path:
+                node = node[part]
+            layer[f"model.layers.{i}.{'.'.join(path)}.weight"] = arr(node["weight"][i])
         for group, names in LINEARS.items():
             for name in names:
                 params = jax.tree.map(lambda x, i=i: x[i], tree["layers"][group][name])

@@ -1,9 +1,10 @@
 """PEFT-format adapters: adapter_model.safetensors + adapter_config.json, as peft writes and reads them.
 
-Keys are peft's for LlamaForCausalLM without the adapter name, e.g.
-"base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (r, in) and "...lora_B.weight"
-(out, r); trained biases are "...q_proj.bias". Ranks below the stack's padding are cut on export
-and padded again on import, so a round trip is exact.
+Keys are peft's for a *ForCausalLM of any supported family (all name modules alike) without the
+adapter name, e.g. "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (r, in) and
+"...lora_B.weight" (out, r); trained biases are "...q_proj.base_layer.bias" where LoRA wraps the
+module and "...q_proj.bias" where it does not (bias="all" on an untargeted module). Ranks below the
+stack's padding are cut on export and padded again on import, so a round trip is exact.
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
     )
 
 
+def _bias_key(module: str, targeted: list[str]) -> str:
+    """peft's key of a trained bias: under `base_layer` where LoRA wraps the module."""
+    return f"{PREFIX}{module}.base_layer.bias" if module in targeted else f"{PREFIX}{module}.bias"
+
+
 def save_adapter(
     directory: str, lora: Any, cfg: LoraConfig, model_cfg: LlamaConfig, base_model: str = ""
 ) -> None:
     """Write `lora` in PEFT format (float32 tensors)."""
     os.makedirs(directory, exist_ok=True)
     tensors = {}
-    for name in targeted_modules(model_cfg, cfg):
+    targeted = targeted_modules(model_cfg, cfg)
+    for name in targeted:
         _, _, layer, group, proj = name.split(".")
         adapter = lora["layers"][group][proj]
         rank = cfg.rank_for(name)
@@ -85,7 +92,7 @@ def save_adapter(
         for proj, adapter in modules.items():
             if "bias" in adapter:
                 for layer in range(model_cfg.num_layers):
-                    key = f"{PREFIX}model.layers.{layer}.{group}.{proj}.bias"
+                    key = _bias_key(f"model.layers.{layer}.{group}.{proj}", targeted)
                     tensors[key] = np.asarray(adapter["bias"][layer], np.float32)
     write(os.path.join(directory, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -103,7 +110,8 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
     names = set(weights.names())
     # the adapter tree's shapes and scales; A and B of every targeted module are set below
     tree = jax.tree.map(np.array, init_lora(jax.random.key(0), frozen, model_cfg, cfg))
-    for name in targeted_modules(model_cfg, cfg):
+    targeted = targeted_modules(model_cfg, cfg)
+    for name in targeted:
         _, _, layer, group, proj = name.split(".")
         a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
         if a_key not in names or b_key not in names:
@@ -122,7 +130,7 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
         for proj, adapter in modules.items():
             if "bias" in adapter:
                 for layer in range(model_cfg.num_layers):
-                    key = f"{PREFIX}model.layers.{layer}.{group}.{proj}.bias"
+                    key = _bias_key(f"model.layers.{layer}.{group}.{proj}", targeted)
                     if key in names:
                         adapter["bias"][layer] = weights.read(key)
     return tree, cfg

@@ -1,4 +1,9 @@
-"""LlamaConfig: the architecture of a LLaMA-style decoder and how to run it, read from HF or GGUF."""
+"""LlamaConfig: the architecture of a LLaMA-style decoder and how to run it, read from HF or GGUF.
+
+One config covers every supported family (MODEL_TYPES): a family is a set of field values
+(Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window), which the decoder reads; nothing
+branches on the family's name except the HF config reader and writer here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # transformers' model_type values we load
+# A family's own field and the fields no HF class of that family has (Qwen2, Qwen3).
+FAMILY_CLASHES = {
+    "qkv_bias": ("qk_norm", "attention_bias", "mlp_bias", "sliding_window"),
+    "qk_norm": ("mlp_bias", "sliding_window"),
+}
+QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default when config.json has no head_dim
 REMAT_POLICIES = (
     "auto",  # offload below 16,384 tokens per row, offload_attention from there (decoder.py)
     "none",  # keep every activation (no rematerialization)
@@ -50,8 +62,10 @@ class LlamaConfig:
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v/o (HF Llama, Qwen3)
     mlp_bias: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v only, none on o
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's features of q and k, before RoPE
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
@@ -79,6 +93,26 @@ class LlamaConfig:
             raise ValueError(f"dequant_slices {self.dequant_slices} must be >= 1 (1: whole weights)")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
+        fields_on = {
+            "qkv_bias": self.qkv_bias,
+            "qk_norm": self.qk_norm,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "sliding_window": self.sliding_window is not None,
+        }
+        for field, clashing in FAMILY_CLASHES.items():
+            clash = [name for name in clashing if fields_on[name]]
+            if fields_on[field] and clash:
+                raise ValueError(f"{field} with {', '.join(clash)} matches no supported family {MODEL_TYPES}")
+
+    @property
+    def model_type(self) -> str:
+        """The transformers family whose architecture these fields describe (for export)."""
+        if self.qk_norm:
+            return "qwen3"
+        if self.qkv_bias:
+            return "qwen2"
+        return "llama" if self.sliding_window is None else "mistral"
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
@@ -88,9 +122,11 @@ class LlamaConfig:
         """Parameters of the base model (embeddings, linears, norms, untied head)."""
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        bias = (h * (self.num_heads + 2 * self.num_kv_heads) + d) if self.attention_bias else 0
+        qkv_bias = h * (self.num_heads + 2 * self.num_kv_heads)
+        bias = (qkv_bias + d) if self.attention_bias else qkv_bias if self.qkv_bias else 0
         bias += (2 * f + d) if self.mlp_bias else 0
-        layer = attn + 3 * d * f + 2 * d + bias
+        qk_norms = 2 * h if self.qk_norm else 0
+        layer = attn + 3 * d * f + 2 * d + bias + qk_norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
 
@@ -119,16 +155,36 @@ def _token_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
 
 
+def _sliding_layers(hf: Mapping[str, Any]) -> list[int]:
+    """Qwen2/Qwen3 layers that use sliding-window attention under transformers' rule: none unless
+    use_sliding_window; then those `layer_types` marks, or by default the layers from max_window_layers on."""
+    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return []
+    num_layers = int(hf["num_hidden_layers"])
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    return list(range(int(hf.get("max_window_layers", num_layers)), num_layers))
+
+
 def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
-    """Build a LlamaConfig from a transformers `config.json` dict (model_type llama or mistral)."""
+    """Build a LlamaConfig from a transformers `config.json` dict of any family in MODEL_TYPES."""
     model_type = hf.get("model_type", "llama")
-    if model_type not in ("llama", "mistral"):
-        raise ValueError(f"model_type {model_type!r} is not supported; valid: 'llama', 'mistral'")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
+    is_qwen = model_type in ("qwen2", "qwen3")
+    if is_qwen and (sliding := _sliding_layers(hf)):
+        raise ValueError(
+            f"model_type {model_type!r} with use_sliding_window=true (sliding_window={hf['sliding_window']}, "
+            f"max_window_layers={hf.get('max_window_layers')}) slides layers {sliding}: per-layer sliding "
+            "windows are not supported; set use_sliding_window=false"
+        )
     theta, scaling = _rope_from_hf(hf)
     num_heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or (QWEN3_HEAD_DIM if model_type == "qwen3" else None)
     return LlamaConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -136,14 +192,16 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=num_heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=hf.get("head_dim"),
+        head_dim=head_dim,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        attention_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=not is_qwen and bool(hf.get("mlp_bias", False)),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_token_ids(hf.get("eos_token_id")),
@@ -152,8 +210,26 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     )
 
 
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def _family_fields(cfg: LlamaConfig) -> dict[str, Any]:
+    """The config.json keys only cfg's family has (the rest are common to all of MODEL_TYPES)."""
+    if cfg.model_type == "qwen2":  # q/k/v biases are implied by the family
+        return {"use_sliding_window": False}
+    if cfg.model_type == "qwen3":
+        return {"use_sliding_window": False, "attention_bias": cfg.attention_bias}
+    biases = {"attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias}
+    return biases | ({"sliding_window": cfg.sliding_window} if cfg.model_type == "mistral" else {})
+
+
 def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
-    """The transformers LlamaConfig dict for this architecture (for export and PyTorch comparison)."""
+    """The transformers config dict of cfg's family (for export and PyTorch comparison)."""
     rope: dict[str, Any] = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling.rope_type != "default":
         rope["factor"] = cfg.rope_scaling.factor
@@ -164,11 +240,10 @@ def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
             original_max_position_embeddings=cfg.rope_scaling.original_max_position_embeddings,
         )
     eos = list(cfg.eos_token_ids)
-    windowed = cfg.sliding_window is not None  # only Mistral has one
     return {
-        "architectures": ["MistralForCausalLM" if windowed else "LlamaForCausalLM"],
-        "model_type": "mistral" if windowed else "llama",
-        **({"sliding_window": cfg.sliding_window} if windowed else {}),
+        "architectures": [HF_ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        **_family_fields(cfg),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -182,8 +257,6 @@ def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
         "rope_scaling": rope if cfg.rope_scaling.rope_type != "default" else None,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.attention_bias,
-        "mlp_bias": cfg.mlp_bias,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": cfg.pad_token_id,

@@ -1,5 +1,8 @@
 """Flax LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
 
+One decoder for every family: their differences are LlamaConfig fields read here and in the
+frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`).
+
 Weights are not Flax params: the module reads them from two variable collections passed at
 apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
 mirrors HF names: frozen["layers"]["self_attn"]["q_proj"]["weight"] holds all layers stacked on
@@ -160,6 +163,9 @@ class Attention(nn.Module):
         v = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="v_proj")(x).reshape(
             batch, length, cfg.num_kv_heads, cfg.head_dim
         )
+        if cfg.qk_norm:  # Qwen3: each head's q and k normalized over head_dim, before RoPE
+            q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = (checkpoint_name(t, MATMUL_OPERANDS) for t in (q, k, v))
         if layer_cache is not None:

@@ -2,8 +2,8 @@
 
 The tree mirrors HF names with layers stacked on axis 0:
   {"embed_tokens": {"weight"}, "layers": {"input_layernorm": {"weight"}, "self_attn": {"q_proj":
-  {"weight", "bias"?}, ...}, "post_attention_layernorm": {...}, "mlp": {...}}, "norm": {"weight"},
-  "lm_head": {"weight"} (untied only)}
+  {"weight", "bias"?}, ..., "q_norm"/"k_norm": {"weight"} (Qwen3 only)}, "post_attention_layernorm":
+  {...}, "mlp": {...}}, "norm": {"weight"}, "lm_head": {"weight"} (untied only)}
 Linear weights keep PyTorch's (out, in) order, as NF4Tensor or dense arrays; norms are float32.
 """
 
@@ -26,6 +26,7 @@ LINEARS = {
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+QK_NORMS = ("q_norm", "k_norm")  # inside self_attn, with qk_norm (Qwen3)
 QUANTIZATIONS = ("nf4", "fp4", None)
 
 
@@ -58,8 +59,18 @@ def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:
-    """HF Llama: attention_bias covers q/k/v/o, mlp_bias gate/up/down."""
-    return cfg.mlp_bias if group == "mlp" else cfg.attention_bias
+    """attention_bias covers q/k/v/o, qkv_bias (Qwen2) q/k/v, mlp_bias gate/up/down."""
+    if group == "mlp":
+        return cfg.mlp_bias
+    return cfg.attention_bias or (cfg.qkv_bias and name != "o_proj")
+
+
+def layer_norms(cfg: LlamaConfig) -> dict[tuple[str, ...], int]:
+    """Every per-layer RMSNorm weight, keyed by its module path in a layer, with its size."""
+    norms = {(name,): cfg.hidden_size for name in LAYER_NORMS}
+    if cfg.qk_norm:
+        norms |= {("self_attn", name): cfg.head_dim for name in QK_NORMS}
+    return norms
 
 
 @functools.partial(jax.jit, static_argnames=("quant", "dtype"))
@@ -121,7 +132,7 @@ def build_frozen(
 ) -> dict[str, Any]:
     """The frozen tree on host, layer by layer: only one layer's unquantized weights exist at a time.
 
-    read(name) returns the tensor with HF's LlamaForCausalLM name, e.g.
+    read(name) returns the tensor with its HF *ForCausalLM name (the same in every family), e.g.
     "model.layers.3.self_attn.q_proj.weight", as a numpy array (or an NF4Tensor when the
     checkpoint stores that weight in 4 bits).
     """
@@ -132,8 +143,9 @@ def build_frozen(
         stacks.setdefault(key, _LayerStack(cfg.num_layers)).put(index, value, name)
 
     for i in range(cfg.num_layers):
-        for norm in LAYER_NORMS:
-            put((norm, "weight"), i, np.asarray(read(f"model.layers.{i}.{norm}.weight"), np.float32))
+        for path in layer_norms(cfg):
+            weight = read(f"model.layers.{i}.{'.'.join(path)}.weight")
+            put((*path, "weight"), i, np.asarray(weight, np.float32))
         for (group, name), (out_dim, in_dim) in linear_shapes(cfg).items():
             w = read(f"model.layers.{i}.{group}.{name}.weight")
             _check_stored_quantization(f"model.layers.{i}.{group}.{name}.weight", w, quant)
@@ -214,8 +226,10 @@ def random_init(
     def build(key: jax.Array) -> dict[str, Any]:
         k_embed, k_head, k_layers = jax.random.split(key, 3)
         embed = _random_table(k_embed, (cfg.vocab_size, cfg.hidden_size), dtype, std)
-        norm = jnp.ones((cfg.num_layers, cfg.hidden_size), jnp.float32)
-        layers: dict[str, Any] = {name: {"weight": norm} for name in LAYER_NORMS}
+        layers: dict[str, Any] = {}
+        for (*groups, name), size in layer_norms(cfg).items():
+            node = layers.setdefault(groups[0], {}) if groups else layers
+            node[name] = {"weight": jnp.ones((cfg.num_layers, size), jnp.float32)}
         for key_i, ((group, name), shape) in zip(
             jax.random.split(k_layers, len(shapes)), shapes.items(), strict=True
         ):

@@ -142,3 +142,15 @@ def test_save_copies_host_memory_arrays_so_the_next_step_may_donate_them(tmp_pat
     assert detached["moment"].sharding == on_host.sharding
     assert detached["moment"].unsafe_buffer_pointer() != on_host.unsafe_buffer_pointer()
     np.testing.assert_array_equal(np.asarray(detached["moment"]), np.asarray(on_host))
+
+
+def test_family_fields_leave_older_fingerprints_unchanged():
+    """Checkpoints made before Qwen's fields existed still match their base: a LLaMA architecture
+    string names neither field; a Qwen one names its own, so its base differs from LLaMA's."""
+    from qlora_jax.io.checkpoint import _architecture
+    from tests.models.hf_reference import family_config
+
+    llama_arch = _architecture(family_config("llama"))
+    assert "qkv_bias" not in llama_arch and "qk_norm" not in llama_arch
+    assert "qkv_bias=True" in _architecture(family_config("qwen2"))
+    assert "qk_norm=True" in _architecture(family_config("qwen3"))

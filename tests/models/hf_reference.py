@@ -1,4 +1,5 @@
-"""Small random transformers LLaMA models saved as HF checkpoints: the reference our model must match."""
+"""Small random transformers models (any supported family) saved as HF checkpoints: the reference
+our model must match."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import torch
 import transformers
 
-from qlora_jax.models.config import LlamaConfig, to_hf_config
+from qlora_jax.compare.torch_reference import hf_config
+from qlora_jax.models.config import LlamaConfig
 
 
 def small_config(**changes) -> LlamaConfig:
@@ -24,10 +26,24 @@ def small_config(**changes) -> LlamaConfig:
     return LlamaConfig(**(base | changes))
 
 
-def hf_model(cfg: LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
-    """A random fp32 transformers model with this architecture (norms and biases randomized too)."""
+# What sets each family apart, on small_config's shape; Qwen3's head_dim (64) differs from
+# hidden / heads (32) as in Qwen3's own configs, so a decoder that derived it would fail.
+FAMILIES = {
+    "llama": {},
+    "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3": dict(qk_norm=True, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6),
+}
+
+
+def family_config(family: str, **changes) -> LlamaConfig:
+    """small_config with the fields of one family (FAMILIES)."""
+    return small_config(**(FAMILIES[family] | changes))
+
+
+def hf_model(cfg: LlamaConfig, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random fp32 transformers model of cfg's family (norms and biases randomized too)."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(cfg))).eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("bias"):

@@ -8,19 +8,23 @@ from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig, from_hf_config, to_hf_config
 from qlora_jax.models.presets import PRESETS, preset
 from qlora_jax.quant import nf4
-from tests.models.hf_reference import save, small_config
+from tests.models.hf_reference import family_config, save, small_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_round_trip_through_hf_config(name):
     import transformers
 
+    from qlora_jax.compare.torch_reference import hf_config
+
     cfg = PRESETS[name]
-    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg))
+    hf_cfg = hf_config(cfg)  # the family's own transformers config class
+    assert hf_cfg.model_type == cfg.model_type
     assert from_hf_config(hf_cfg.to_dict()) == cfg
     # parameter counts equal what transformers builds on the meta device for the same config
     with __import__("torch").device("meta"):
-        ref = transformers.LlamaForCausalLM(hf_cfg)
+        ref = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert type(ref).__name__ == to_hf_config(cfg)["architectures"][0]
     assert cfg.num_params == sum(p.numel() for p in ref.parameters())
 
 
@@ -28,6 +32,8 @@ def test_published_sizes():
     assert round(PRESETS["llama2-7b"].num_params / 1e9, 2) == 6.74
     assert round(PRESETS["llama3-8b"].num_params / 1e9, 2) == 8.03
     assert round(PRESETS["llama2-70b"].num_params / 1e9, 1) == 69.0
+    assert round(PRESETS["qwen2.5-7b"].num_params / 1e9, 2) == 7.62  # model card: 7.61B (7.615...)
+    assert round(PRESETS["qwen3-8b"].num_params / 1e9, 2) == 8.19  # model card: 8.2B
 
 
 def test_random_init_quantizes_every_layer_and_runs():
@@ -55,7 +61,11 @@ def test_random_init_dense_and_untied_head():
         (lambda: preset("llama-9b"), "unknown model preset 'llama-9b'"),
         (lambda: small_config(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads=3"),
         (lambda: small_config(remat_policy="some"), "remat_policy 'some'"),
-        (lambda: from_hf_config({"model_type": "gemma"}), "model_type 'gemma'"),
+        (
+            lambda: from_hf_config({"model_type": "gemma"}),
+            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3$",
+        ),
+        (lambda: small_config(qkv_bias=True, qk_norm=True), "qkv_bias with qk_norm matches no"),
         (
             lambda: from_hf_config(to_hf_config(small_config()) | {"rope_scaling": {"rope_type": "yarn"}}),
             "yarn",
@@ -67,6 +77,17 @@ def test_random_init_dense_and_untied_head():
 def test_bad_input_is_named(make, match):
     with pytest.raises((ValueError, FileNotFoundError, TypeError), match=match):
         make()
+
+
+def test_qwen_config_json_fields_as_transformers_reads_them():
+    qwen2 = to_hf_config(family_config("qwen2")) | {"sliding_window": 131072, "max_window_layers": 28}
+    assert from_hf_config(qwen2).sliding_window is None  # Qwen2.5's config.json: window off
+    with pytest.raises(ValueError, match=r"^model_type 'qwen2' with use_sliding_window=true .* layers \[1\]"):
+        from_hf_config(qwen2 | {"use_sliding_window": True, "max_window_layers": 1})
+    qwen3 = to_hf_config(family_config("qwen3"))
+    assert from_hf_config(qwen3, dtype="float32") == family_config("qwen3")
+    del qwen3["head_dim"]  # Qwen3Config's default is 128, not hidden / heads
+    assert from_hf_config(qwen3).head_dim == 128
 
 
 def test_checkpoint_with_wrong_shape_names_the_tensor(tmp_path):

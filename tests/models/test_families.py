@@ -1,0 +1,207 @@
+"""Qwen2 and Qwen3 against transformers and peft on small random models of each family (fp32, CPU):
+loading (safetensors and GGUF), logits with padding and packing, greedy generation, PEFT adapters
+both ways, merged export, sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io)
+cover the rest.
+
+Tolerance 1e-4 relative to the largest logit: both sides compute in float32 with different
+summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, or a wrong head_dim, moves
+logits by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from qlora_jax import lora as lora_lib
+from qlora_jax import sharding
+from qlora_jax.compare.torch_reference import peft_config
+from qlora_jax.io import hf_export
+from qlora_jax.io import peft as peft_io
+from qlora_jax.models import llama
+from qlora_jax.models.generation import generate
+from qlora_jax.models.presets import preset
+from qlora_jax.quant import nf4
+from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_err, save
+from tests.peft_reference import randomize_b
+
+TOL = 1e-4
+FAMILIES = ("qwen2", "qwen3")
+# bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them
+LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
+
+
+def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, length), dtype=np.int32)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, transformers reference, its HF directory, our fp32 model and frozen tree)."""
+    ref = hf_model(family_config(request.param))
+    path = save(ref, tmp_path_factory.mktemp(request.param) / "hf")
+    model, frozen = llama.from_pretrained(path, quantization=None, dtype="float32")
+    return request.param, ref, path, model, frozen
+
+
+@pytest.fixture(scope="module")
+def adapted(family):
+    """An adapter of LORA with random nonzero B and biases moved off their frozen values."""
+    _, _, _, model, frozen = family
+    tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORA))
+    rng = np.random.default_rng(0)
+    for modules in tree["layers"].values():
+        for adapter in modules.values():
+            adapter["b"] = (0.05 * rng.standard_normal(adapter["b"].shape)).astype(np.float32)
+            if "bias" in adapter:
+                adapter["bias"] = adapter["bias"] + np.float32(0.1)
+    return tree
+
+
+def test_config_and_frozen_tree_carry_the_family(family):
+    name, ref, path, model, frozen = family
+    cfg = model.config
+    with open(f"{path}/config.json") as f:
+        assert json.load(f)["model_type"] == name == cfg.model_type
+    attn, ref_attn = frozen["layers"]["self_attn"], ref.model.layers[1].self_attn
+    if name == "qwen2":  # biases on q/k/v, read from the file; none on o_proj
+        assert cfg.qkv_bias and not cfg.attention_bias and cfg.tie_word_embeddings
+        assert "bias" not in attn["o_proj"]
+        np.testing.assert_array_equal(attn["k_proj"]["bias"][1], ref_attn.k_proj.bias.detach())
+    else:  # explicit head_dim 64 (hidden / heads = 32), q/k norms of that size
+        assert cfg.qk_norm and cfg.head_dim == 64 and "lm_head" in frozen
+        assert all("bias" not in attn[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        np.testing.assert_array_equal(attn["q_norm"]["weight"][1], ref_attn.q_norm.weight.detach())
+        assert attn["k_norm"]["weight"].shape == (2, 64)
+    assert cfg.num_params == sum(p.numel() for p in ref.parameters())
+
+
+def test_logits_match_transformers_with_padding_and_packing(family):
+    # one forward (one compile): row 0 packs two sequences, row 1 is left-padded (padding as its own
+    # segment, masked out, as training batches come); each sequence as transformers computes it alone
+    _, ref, _, model, frozen = family
+    a, b, c = _tokens(1, 7, seed=1), _tokens(1, 9, seed=2), _tokens(1, 11, seed=3)
+    tokens = np.concatenate([np.concatenate([a, b], axis=1), np.pad(c, ((0, 0), (5, 0)))])
+    segments = np.array([[1] * 7 + [2] * 9, [0] * 5 + [1] * 11])
+    ours = np.asarray(model.apply(frozen, None, tokens, attention_mask=segments > 0, segment_ids=segments))
+    assert rel_err(ours[:1, :7], hf_logits(ref, a)) < TOL
+    assert rel_err(ours[:1, 7:], hf_logits(ref, b)) < TOL
+    assert rel_err(ours[1:, 5:], hf_logits(ref, c)) < TOL
+
+
+def test_greedy_generation_matches_transformers(family):
+    _, ref, _, model, frozen = family
+    prompts = [_tokens(1, 5, seed=3)[0].tolist(), _tokens(1, 9, seed=4)[0].tolist()]
+    ours = generate(model, frozen, None, prompts, max_new_tokens=20)  # one left-padded batch, KV cache
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, pad_token_id=0)
+        assert got == out[0, len(prompt) :].tolist()
+
+
+def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp_path):
+    _, ref, _, model, frozen = family
+    tokens = _tokens(2, 10)
+    peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORA, model.config)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "ours")).eval()
+    ours_logits = np.asarray(model.apply(frozen, adapted, tokens))
+    assert rel_err(ours_logits, hf_logits(theirs, tokens)) < TOL
+    assert rel_err(ours_logits, hf_logits(ref, tokens)) > 1e-2  # the adapter (and biases) matter
+    # an adapter peft made (random B, same keys as ours) loads into ours with peft's logits
+    made = peft.get_peft_model(copy.deepcopy(ref), peft_config(LORA))
+    randomize_b(made)
+    made.save_pretrained(str(tmp_path / "peft"))
+    from safetensors.numpy import load_file
+
+    assert sorted(load_file(str(tmp_path / "peft" / peft_io.WEIGHTS_FILE))) == sorted(
+        load_file(str(tmp_path / "ours" / peft_io.WEIGHTS_FILE))
+    )
+    loaded, cfg = peft_io.load_adapter(str(tmp_path / "peft"), frozen, model.config)
+    assert cfg.bias == "all"
+    assert rel_err(np.asarray(model.apply(frozen, loaded, tokens)), hf_logits(made.eval(), tokens)) < TOL
+
+
+def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tmp_path):
+    name, _, _, model, frozen = family
+    hf_export.save_merged(str(tmp_path / "merged"), model.config, frozen, adapted, dtype="float32")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    assert merged.config.model_type == name
+    tokens = _tokens(2, 10)
+    assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(merged.eval(), tokens)) < TOL
+
+
+def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
+    """ref's float32 weights as llama.cpp's converter writes a Qwen GGUF: its metadata keys, gguf's
+    own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only)."""
+    import gguf
+
+    arch = gguf.MODEL_ARCH.QWEN2 if cfg.model_type == "qwen2" else gguf.MODEL_ARCH.QWEN3
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for name, tensor in ref.state_dict().items():
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
+    # the GGUF holds the same float32 values: the same config and a bit-equal frozen tree give the
+    # logits already shown equal to transformers', with no forward. GGUF carries no token ids here
+    # and stores eps as float32 (1e-6 reads back as 9.99999997e-7: 3e-15 in the norm's denominator)
+    _, ref, _, model, frozen = family
+    path = _write_gguf(str(tmp_path / "model.gguf"), ref, model.config)
+    from_gguf, frozen_gguf = llama.from_pretrained(path, quantization=None, dtype="float32")
+    eps = from_gguf.config.rms_norm_eps
+    assert eps == pytest.approx(model.config.rms_norm_eps, rel=1e-7)
+    assert from_gguf.config == model.config.replace(bos_token_id=None, eos_token_ids=(), rms_norm_eps=eps)
+    jax.tree.map(np.testing.assert_array_equal, frozen_gguf, frozen)
+
+
+def test_sharded_forward_equals_one_device(family, adapted):
+    # tensor x fsdp split of weight rows (the q/k norms replicated): only the order of float32
+    # sums changes, so logits agree to float32 rounding (1e-5)
+    _, _, _, model, frozen = family
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    tokens = _tokens(2, 10)
+    want = np.asarray(model.apply(frozen, adapted, tokens))
+    frozen_sh = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
+    lora_sh = jax.device_put(adapted, sharding.lora_shardings(mesh, adapted))
+    got = jax.jit(lambda fr, lo, t: model.apply(fr, lo, t))(frozen_sh, lora_sh, tokens)
+    assert rel_err(np.asarray(got), want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b"])
+def test_random_init_builds_the_preset_family_at_full_size(name):
+    # traced, not run (jax.eval_shape): the real 7B/8B tree and forward, no memory and no compile
+    model = llama.Llama(preset(name, dtype="bfloat16"))
+    frozen = jax.eval_shape(lambda: llama.random_init(name, quantization="nf4", dtype="bfloat16")[1])
+    cfg, attn = model.config, frozen["layers"]["self_attn"]
+    q = attn["q_proj"]["weight"]
+    assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+    if name == "qwen2.5-7b":
+        assert attn["v_proj"]["bias"].shape == (28, 512) and "bias" not in attn["o_proj"]
+    else:
+        assert attn["q_norm"]["weight"].shape == (36, 128) and "bias" not in attn["q_proj"]
+    logits = jax.eval_shape(lambda fr: model.apply(fr, None, np.zeros((1, 8), np.int32)), frozen)
+    assert logits.shape == (1, 8, cfg.vocab_size)
