@@ -18,16 +18,16 @@ from safetensors.numpy import save_file
 from qlora_jax.io import hf_export
 from qlora_jax.models import llama
 from tests.conftest import run_cli, tiny_run_overrides, train_command
-from tests.models.hf_reference import hf_logits, hf_model, rel_err, save, small_config
+from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_err, save, small_config
 
 
-def _bnb_4bit(source: str, target: str, compute_dtype=torch.float32) -> str:
-    """transformers' own bnb-4bit checkpoint (NF4, double quant) of the HF directory `source`."""
+def _bnb_4bit(source: str, target: str, quant_type: str = "nf4", double_quant: bool = True) -> str:
+    """transformers' own bnb-4bit checkpoint (float32 compute) of the HF directory `source`."""
     quantization = transformers.BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(
         source, quantization_config=quantization, device_map="cpu"
@@ -99,6 +99,26 @@ def test_our_quantization_written_as_bnb4bit_dequantizes_in_bitsandbytes_to_our_
         theirs = bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
         ours = frozen["layers"][group][name]["weight"].dequantize(jnp.bfloat16)[1]
         assert np.array_equal(theirs.float().numpy(), np.asarray(ours.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize(
+    "family, quant_type, double_quant", [("qwen2", "nf4", True), ("qwen3", "fp4", False)]
+)
+def test_other_families_and_formats_load_and_write_back_their_bnb4bit_checkpoints(
+    family, quant_type, double_quant, tmp_path
+):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms stay 16-bit beside the 4-bit linears, FP4 and
+    single quantization as well as NF4 + double quantization: logits as transformers' 4-bit model
+    (rel 1e-4, float32 over the same weights) and every tensor written back byte for byte."""
+    dense = save(hf_model(family_config(family)), tmp_path / "dense")
+    bnb_dir = _bnb_4bit(dense, str(tmp_path / "bnb4bit"), quant_type, double_quant)
+    model, frozen = llama.from_pretrained(bnb_dir, quantization=quant_type, dtype="float32")
+    ours = np.asarray(model.apply(frozen, None, jnp.asarray(TOKENS)))
+    assert rel_err(ours, hf_logits(_load_4bit(bnb_dir), TOKENS)) < 1e-4
+    hf_export.save_bnb4bit(str(tmp_path / "out"), model.config, frozen, dtype="float32")
+    before, after = _tensors(bnb_dir), _tensors(str(tmp_path / "out"))
+    assert sorted(after) == sorted(before)
+    assert all(after[name].tobytes() == tensor.tobytes() for name, tensor in before.items())
 
 
 def _broken(bnb_dir: str, target, change) -> str:
