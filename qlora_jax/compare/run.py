@@ -65,8 +65,11 @@ def compare(run: RunConfig) -> dict[str, Any]:
     fresh = lora_lib.init_lora(jax.random.key(run.train.seed), frozen, model.config, lora_cfg)
     lora = jax.device_put(torch_reference.copy_adapters_into(fresh, peft_model))
     optimizer = make_optimizer(optim_cfg)
-    opt_state = optimizer.init(lora)
-    train_step = step_lib.make_train_step(model, lora_cfg, optim_cfg, optimizer, None, run.train.loss_chunk)
+    state_shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, lora))
+    opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
+    train_step = step_lib.make_train_step(
+        model, lora_cfg, optim_cfg, optimizer, state_shardings, run.train.loss_chunk
+    )
     eval_fn = evaluate.make_eval_loss(model, lora_cfg, run.train.loss_chunk)
     trainer = TorchTrainer(peft_model, optim_cfg)
     schedule = learning_rate(optim_cfg)
