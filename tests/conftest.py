@@ -20,10 +20,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # PyTorch's OpenMP pool (and numpy's OpenBLAS) default to one thread per CPU in every process; with
 # one xdist worker per CPU that oversubscribes the machine, and OpenMP's spinning threads then make
 # the torch references 10-20x slower (a SmolLM2 forward on a busy 2-CPU machine: 0.16 s with one
-# thread, 2-4 s with two). Each worker gets its share of the CPUs; set before torch is imported,
-# and inherited by the CLI subprocesses (the forkserver imports torch under it).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+# thread, 2-4 s with two). Each xdist worker (never the controller, whose environment the workers
+# inherit) gets its share of the CPUs; set before torch is imported, and inherited by the CLI
+# subprocesses (the forkserver imports torch under it).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 # One XLA compilation cache for the session, shared with the CLI subprocesses (cli_env inherits
 # it): the many tiny runs compile the same programs, and each compiles once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
