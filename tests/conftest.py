@@ -38,6 +38,42 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The longest test files, longest first (summed `--durations=0` times on a 2-CPU machine: 100-300 s
+# each); the other files, under a minute each, follow in collection order. `--dist loadfile` runs
+# a file whole on one worker, so a long file handed out last leaves the other worker idle until it
+# ends; handing out the longest first lets the short ones even out the two workers at the end.
+LONGEST_FILES = [
+    "tests/models/test_llama_smollm2.py",
+    "tests/io/test_checkpoint.py",
+    "tests/test_sharding_cli.py",
+    "tests/test_sharding.py",
+    "tests/train/test_step.py",
+    "tests/train/test_peft_parity.py",
+    "tests/quant/test_nf4_bnb.py",
+    "tests/test_errors.py",
+    "tests/io/test_peft_export.py",
+    "tests/models/test_llama_random.py",
+    "tests/test_compare.py",
+    "tests/quant/test_nf4_jax.py",
+    "tests/models/test_config_and_init.py",
+    "tests/train/test_cli.py",
+    "tests/test_export_cli.py",
+    "tests/test_generate_cli.py",
+    "tests/test_lora.py",
+]
+
+
+def pytest_configure(config):
+    # xdist hands out the files with the most tests first unless told not to (its
+    # --loadscope-reorder default), whatever their length: keep LONGEST_FILES' order instead
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+
 
 def cli_env() -> dict[str, str]:
     xla_flags = os.environ["XLA_FLAGS"].replace(CPU_DEVICES_FLAG, "").strip()
