@@ -17,17 +17,64 @@ import pytest
 from tests import cli_runner
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# PyTorch's OpenMP pool (and numpy's OpenBLAS) default to one thread per CPU in every process; with
+# one xdist worker per CPU that oversubscribes the machine, and OpenMP's spinning threads then make
+# the torch references 10-20x slower (a SmolLM2 forward on a busy 2-CPU machine: 0.16 s with one
+# thread, 2-4 s with two). Each xdist worker (never the controller, whose environment the workers
+# inherit) gets its share of the CPUs; set before torch is imported, and inherited by the CLI
+# subprocesses (the forkserver imports torch under it).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 # One XLA compilation cache for the session, shared with the CLI subprocesses (cli_env inherits
-# it): the many tiny runs compile the same programs, and each compiles once.
+# it): the many tiny runs compile the same programs, and each compiles once. Every program is
+# kept, the ~30 small ones a CLI run compiles (RNG, quantize, schedule: 0.05-0.2 s each) too: read
+# back, a run's programs took 2.1 s instead of 3.9 s with only those over 0.2 s kept (busy 2 CPUs).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlora_jax_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}".strip()
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The longest test files, longest first (summed `--durations=0` times on a 2-CPU machine: 100-300 s
+# each); the other files, under a minute each, follow in collection order. `--dist loadfile` runs
+# a file whole on one worker, so a long file handed out last leaves the other worker idle until it
+# ends; handing out the longest first lets the short ones even out the two workers at the end.
+LONGEST_FILES = [
+    "tests/models/test_llama_smollm2.py",
+    "tests/io/test_checkpoint.py",
+    "tests/test_sharding_cli.py",
+    "tests/test_sharding.py",
+    "tests/train/test_step.py",
+    "tests/train/test_peft_parity.py",
+    "tests/quant/test_nf4_bnb.py",
+    "tests/test_errors.py",
+    "tests/io/test_peft_export.py",
+    "tests/models/test_llama_random.py",
+    "tests/test_compare.py",
+    "tests/quant/test_nf4_jax.py",
+    "tests/models/test_config_and_init.py",
+    "tests/train/test_cli.py",
+    "tests/test_export_cli.py",
+    "tests/test_generate_cli.py",
+    "tests/test_lora.py",
+]
+
+
+def pytest_configure(config):
+    # xdist hands out the files with the most tests first unless told not to (its
+    # --loadscope-reorder default), whatever their length: keep LONGEST_FILES' order instead
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
 
 
 def cli_env() -> dict[str, str]:

@@ -131,27 +131,3 @@ def test_greedy_generation_matches_transformers(smollm2_fp32, hf_smollm2, smollm
         expected = _hf_greedy(hf_smollm2, smollm2_tokenizer, ids, 32)
         decode = smollm2_tokenizer.decode
         assert got == expected, f"{text!r}:\n ours {decode(got)!r}\n  hf  {decode(expected)!r}"
-
-
-def test_generate_cli_chat_and_sampling(capsys):
-    from qlora_jax.generate import main
-
-    main(
-        [
-            "--prompt",
-            "What is the capital of France?",
-            "--chat",
-            "--max_new_tokens",
-            "12",
-            "--quantization",
-            "nf4",
-            "--temperature",
-            "0.7",
-            "--top_p",
-            "0.9",
-            "--seed",
-            "3",
-        ]
-    )
-    text = capsys.readouterr().out.strip()
-    assert text and "<|im" not in text  # special tokens are stripped from the decoded reply
