@@ -51,6 +51,8 @@ LONGEST_FILES = [
     "tests/test_sharding.py",
     "tests/train/test_step.py",
     "tests/train/test_peft_parity.py",
+    "tests/io/test_bnb4bit.py",
+    "tests/models/test_families.py",
     "tests/quant/test_nf4_bnb.py",
     "tests/test_errors.py",
     "tests/io/test_peft_export.py",
