@@ -39,47 +39,32 @@ def _pieces(weight: FrozenWeight, axis: int, slices: int) -> int:
     return 1
 
 
-def _matmul(x: jax.Array, weight: FrozenWeight, slices: int) -> jax.Array:
-    """x @ W.T; with slices > 1 an NF4 W is dequantized a block of output rows at a time."""
-    pieces = _pieces(weight, 0, slices)
+def _product(x: jax.Array, weight: FrozenWeight, axis: int, slices: int) -> jax.Array:
+    """x times W over W's other axis: x @ W.T (axis 0, forward) or dy @ W (axis 1, input
+    gradient); the result's features are W's `axis`. With slices > 1 an NF4 W is dequantized a
+    block of that axis at a time, each block writing its own part of the result."""
+    spec = "...i,oi->...o" if axis == 0 else "...o,oi->...i"
+    pieces = _pieces(weight, axis, slices)
     if pieces == 1:
-        return jnp.einsum("...i,oi->...o", x, dense_weight(weight, x.dtype))
-    rows = weight.shape[0] // pieces
+        return jnp.einsum(spec, x, dense_weight(weight, x.dtype))
+    size = weight.shape[axis] // pieces
 
-    def rows_of_y(i: jax.Array, y: jax.Array) -> jax.Array:
-        w_RxI = nf4.dequantize_slice(weight, 0, i * rows, rows, x.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(
-            y, jnp.einsum("...i,ri->...r", x, w_RxI), i * rows, axis=-1
-        )
+    def part(i: jax.Array, out: jax.Array) -> jax.Array:
+        w_block = nf4.dequantize_slice(weight, axis, i * size, size, x.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.einsum(spec, x, w_block), i * size, axis=-1)
 
-    return jax.lax.fori_loop(0, pieces, rows_of_y, jnp.zeros((*x.shape[:-1], weight.shape[0]), x.dtype))
-
-
-def _input_grad(dy: jax.Array, weight: FrozenWeight, slices: int) -> jax.Array:
-    """dy @ W; with slices > 1 an NF4 W is dequantized a block of input columns at a time."""
-    pieces = _pieces(weight, 1, slices)
-    if pieces == 1:
-        return jnp.einsum("...o,oi->...i", dy, dense_weight(weight, dy.dtype))
-    cols = weight.shape[1] // pieces
-
-    def cols_of_dx(i: jax.Array, dx: jax.Array) -> jax.Array:
-        w_OxC = nf4.dequantize_slice(weight, 1, i * cols, cols, dy.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(
-            dx, jnp.einsum("...o,oc->...c", dy, w_OxC), i * cols, axis=-1
-        )
-
-    return jax.lax.fori_loop(0, pieces, cols_of_dx, jnp.zeros((*dy.shape[:-1], weight.shape[1]), dy.dtype))
+    return jax.lax.fori_loop(0, pieces, part, jnp.zeros((*x.shape[:-1], weight.shape[axis]), x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def frozen_matmul(x: jax.Array, weight: FrozenWeight, slices: int = 1) -> jax.Array:
     """x @ W.T in x's dtype (float32 accumulation); W is a constant of training (no dW). With
     slices > 1 only 1/slices of a dequantized NF4 weight is alive at a time, forward and back."""
-    return _matmul(x, weight, slices)
+    return _product(x, weight, 0, slices)
 
 
 def _frozen_matmul_fwd(x, weight, slices):
-    return _matmul(x, weight, slices), weight  # the residual is the stored (4-bit) weight, nothing more
+    return _product(x, weight, 0, slices), weight  # the residual is the stored (4-bit) weight, nothing more
 
 
 def _zero_cotangent(leaf: jax.Array) -> jax.Array:
@@ -89,7 +74,7 @@ def _zero_cotangent(leaf: jax.Array) -> jax.Array:
 
 
 def _frozen_matmul_bwd(slices, weight, dy):
-    dx = _input_grad(dy, weight, slices)  # the weight dequantized again here, freed right after
+    dx = _product(dy, weight, 1, slices)  # the weight dequantized again here, freed right after
     return dx, jax.tree.map(_zero_cotangent, weight)
 
 
