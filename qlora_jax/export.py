@@ -89,14 +89,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         from qlora_jax.io import hf_export
 
         quant = run.model.quantization if run.model.quantization.quant_type else Quantization()
-        merge = (lora, quant) if args.merge else None
+        tree = frozen
+        if args.merge:  # the adapters folded in once, then requantized layer by layer
+            merged = hf_export.merged_weights(frozen, lora, "float32")
+            tree = hf_export.requantized(merged, quant)
         try:
-            info = hf_export.save_bnb4bit(args.out, model.config, frozen, tokenizer, args.dtype, merge)
+            info = hf_export.save_bnb4bit(args.out, model.config, tree, tokenizer, args.dtype)
         except ValueError as err:
             sys.exit(f"error: {err}")
         print(f"bnb-4bit model: {info['bytes'] / 2**20:.0f} MiB in {info['files']}")
         if args.merge:
-            merged = hf_export.merged_weights(frozen, lora, "float32")
             print(
                 f"re-quantizing the merged linears to NF4 adds "
                 f"{hf_export.requantization_error(merged, quant.block_size):.4f} relative RMS error"

@@ -19,12 +19,12 @@ import numpy as np
 
 from qlora_jax.quant import nf4
 
-COMPANIONS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+COMPANIONS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # the last two: double quant
 
 
-def quantization_config(hf_config: Mapping[str, Any], config_path: str) -> dict[str, Any] | None:
-    """The checkpoint's bitsandbytes 4-bit quantization_config, or None for a 16-bit checkpoint.
-    Other methods and 8-bit (LLM.int8) checkpoints stop with one line."""
+def stored_bits(hf_config: Mapping[str, Any], config_path: str) -> int | None:
+    """4 or 8 for a bitsandbytes checkpoint (its quantization_config), None for a 16-bit one;
+    other quantization methods stop with one line."""
     qc = hf_config.get("quantization_config")
     if not qc:
         return None
@@ -35,10 +35,10 @@ def quantization_config(hf_config: Mapping[str, Any], config_path: str) -> dict[
             "'bitsandbytes' with load_in_4bit (or an unquantized checkpoint)"
         )
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-        return {"load_in_8bit": True}
+        return 8
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         raise ValueError(f"{config_path}: quantization_config has neither load_in_4bit nor load_in_8bit")
-    return dict(qc)
+    return 4
 
 
 def state_key(name: str, names: Any) -> str | None:
@@ -70,10 +70,7 @@ def read_linear(name: str, names: Any, read: Callable[[str], np.ndarray], where:
             f"{where}: {name} has blocksize {scalars.get('blocksize')}; supported: {nf4.BLOCK_SIZES}"
         )
     state = {key.removeprefix(f"{name}."): encoded}
-    needed = ("absmax", "quant_map") + (
-        ("nested_absmax", "nested_quant_map") if "nested_offset" in scalars else ()
-    )
-    for companion in needed:
+    for companion in COMPANIONS if "nested_offset" in scalars else COMPANIONS[:2]:
         if f"{name}.{companion}" not in names:
             raise ValueError(
                 f"{where}: {name} has no {name}.{companion} tensor; the checkpoint is incomplete"

@@ -106,10 +106,10 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
             files[file] = SafetensorsFile(os.path.join(path, file))
         return files[file].read(name)
 
-    quantized = bnb4bit.quantization_config(hf_json, os.path.join(path, "config.json"))
-    if quantized is None:
+    bits = bnb4bit.stored_bits(hf_json, os.path.join(path, "config.json"))
+    if bits is None:
         return cfg, read_stored
-    if quantized.get("load_in_8bit"):
+    if bits == 8:
         first = "model.layers.0.self_attn.q_proj.weight"
         raise ValueError(
             f"{os.path.join(path, weight_map.get(first, 'model.safetensors'))}: {first} is an 8-bit "

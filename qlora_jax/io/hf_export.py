@@ -149,22 +149,16 @@ def requantized(merged: dict[str, Any], quant: Quantization) -> dict[str, Any]:
 def save_bnb4bit(
     directory: str,
     cfg: LlamaConfig,
-    frozen: Any,
+    tree: Any,
     tokenizer: Any = None,
     dtype: str = "bfloat16",
-    merge: tuple[Any, Quantization] | None = None,
     shard_bytes: int = 2 * 2**30,
 ) -> dict[str, Any]:
-    """Write the 4-bit base in the bitsandbytes format that `AutoModelForCausalLM.from_pretrained`
-    loads: NF4 linears byte for byte as they are in `frozen`, dense tensors in `dtype` (also the
-    compute dtype in the config). merge=(lora, quant): the adapters folded in and the linears
-    requantized as `quant` first."""
+    """Write a 4-bit base (the frozen tree, or a merged tree `requantized`) in the bitsandbytes
+    format that `AutoModelForCausalLM.from_pretrained` loads: NF4 linears byte for byte as they
+    are in `tree`, dense tensors in `dtype` (also the compute dtype in the config)."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"bnb4bit dtype {dtype!r} unknown; valid: {sorted(STORE_DTYPES)}")
-    tree = frozen
-    if merge is not None:
-        lora, quant = merge
-        tree = requantized(merged_weights(frozen, lora, "float32"), quant)
     linears = [tree["layers"][group][name]["weight"] for group, names in LINEARS.items() for name in names]
     if not all(isinstance(w, NF4Tensor) for w in linears):
         raise ValueError(
