@@ -1,12 +1,15 @@
-"""`python -m qlora_jax.generate` on the embedded SmolLM2 (NF4, bfloat16): a sampled chat reply.
-(Its greedy tokens against transformers: tests/models/test_llama_smollm2.py.)"""
+"""`python -m qlora_jax.generate` on a tiny random LLaMA with SmolLM2's tokenizer and chat template
+(NF4, bfloat16): a sampled chat reply, decoded without special tokens. (Greedy tokens of the real
+SmolLM2 against transformers: tests/models/test_llama_smollm2.py.)"""
 
 
-def test_generate_cli_chat_and_sampling(capsys):
+def test_generate_cli_chat_and_sampling(tiny_model, capsys):
     from qlora_jax.generate import main
 
     main(
         [
+            "--model",
+            tiny_model,
             "--prompt",
             "What is the capital of France?",
             "--chat",

@@ -236,10 +236,14 @@ def _gguf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Calla
 
 
 def load_tokenizer(path: str):
-    """The transformers tokenizer of a HF directory or a GGUF file (built from its metadata)."""
-    from transformers import AutoTokenizer
+    """The transformers tokenizer of a HF directory or a GGUF file (built from its metadata).
+
+    A GGUF's tokenizer is built as the fast tokenizer class directly: AutoTokenizer would first
+    parse the whole file for its model config (10 s for SmolLM2 on 2 CPUs) to pick that same class.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if is_gguf(path):
         directory, name = os.path.split(os.path.abspath(path))
-        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        return PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
     return AutoTokenizer.from_pretrained(path)
