@@ -2,10 +2,13 @@
 
 Each layout runs in its own process on the first N devices; one JSON line per layout is appended
 to <out>/scaling.jsonl: layout, devices, global batch, tokens/s, per-device peak memory, per-device
-frozen bytes. Random weights of the preset's shape quantized on the device (NF4 + double quant),
-LoRA r=16 all-linear, remat full, AdamW state offloaded, bf16, random tokens. Usage:
+frozen bytes, seconds from process start to the end of the first step. Random weights of the
+preset's shape created on the mesh, each device only its share (NF4 + double quant), LoRA r=16
+all-linear, remat `--remat`, AdamW state offloaded (`--offload_state 0`: on device) and split over
+the data axis, bf16, random tokens. `--torch_ddp N` adds the PyTorch anchor in the same call:
+transformers + peft + bitsandbytes under DDP on N GPUs (bench_torch_ddp.py, torchrun). Usage:
   python experiments/bench_scaling.py --preset llama2-7b --per_device_batch 4 --seq 2048 \
-      --layouts 1:data=1,2:data=2,2:fsdp=2 --out $OUT
+      --layouts 1:data=1,2:data=2,2:fsdp=2 --torch_ddp 4 --out $OUT
 """
 
 from __future__ import annotations
@@ -15,14 +18,25 @@ import datetime
 import json
 import os
 import sys
+import time
 
-import child_runs
-import numpy as np
-from step_timing import time_train_step
+STARTED = time.time()  # a child's start, before JAX is imported: start-to-first-step counts it
+
+import child_runs  # noqa: E402
+import numpy as np  # noqa: E402
+from step_timing import time_train_step  # noqa: E402
 
 
 def run_layout(
-    preset: str, n_devices: int, mesh_spec: str, per_device_batch: int, seq: int, r: int, steps: int
+    preset: str,
+    n_devices: int,
+    mesh_spec: str,
+    per_device_batch: int,
+    seq: int,
+    r: int,
+    steps: int,
+    remat: str,
+    offload_state: bool,
 ):
     import jax
 
@@ -36,14 +50,15 @@ def run_layout(
     mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n_devices])
     model, frozen = llama.random_init(
-        preset, quantization="nf4", dtype="bfloat16", remat_policy="full", mesh=mesh
+        preset, quantization="nf4", dtype="bfloat16", remat_policy=remat, mesh=mesh
     )
     load_peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     lora_shardings = sharding.lora_shardings(mesh, tree)
     tree = jax.device_put(tree, lora_shardings)
-    optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=True)
+    load_s = time.time() - STARTED
+    optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload_state)
     optimizer = make_optimizer(optim_cfg)
     state_shardings = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, tree))
     state = step_lib.init_opt_state(optimizer, tree, optim_cfg, state_shardings)
@@ -55,7 +70,8 @@ def run_layout(
     data = sharding.shard_batch(
         mesh, {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
-    step, metrics, _ = time_train_step(train_step, tree, state, frozen, data, steps)
+    ready_s = time.time() - STARTED
+    step, metrics, plan = time_train_step(train_step, tree, state, frozen, data, steps)
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
     return {
         "step_s": step,
@@ -63,6 +79,9 @@ def run_layout(
         "global_batch": batch,
         "peak_mem_gib_per_device": peaks,
         "load_peak_gib_per_device": load_peaks,
+        "load_s": load_s,
+        "start_to_first_step_s": ready_s + plan["compile_s"] + plan["first_step_s"],
+        "compile_s": plan["compile_s"],
         "frozen_gib_per_device": sharding.per_device_bytes(frozen) / 2**30,
         "loss": float(metrics["loss"]),
         "jax": jax.__version__,
@@ -77,12 +96,25 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--layouts", default="1:data=1,2:data=2,2:fsdp=2", help="devices:axis=size;axis=size,...")
+    p.add_argument("--remat", default="auto", help="model.remat_policy")
+    p.add_argument("--offload_state", type=int, default=1, help="1: AdamW state in pinned host memory")
+    p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--child", default="", help="internal: one layout to run in this process")
     a = p.parse_args()
     if a.child:
         n, mesh_spec = a.child.split(":")
-        result = run_layout(a.preset, int(n), mesh_spec, a.per_device_batch, a.seq, a.r, a.steps)
+        result = run_layout(
+            a.preset,
+            int(n),
+            mesh_spec,
+            a.per_device_batch,
+            a.seq,
+            a.r,
+            a.steps,
+            a.remat,
+            bool(a.offload_state),
+        )
         child_runs.report(result)
         return
     import jax
@@ -90,15 +122,34 @@ def main() -> None:
     gpu, available = jax.devices()[0].device_kind, len(jax.devices())
     call_id = datetime.datetime.now().isoformat(timespec="seconds")
     os.makedirs(a.out, exist_ok=True)
-    for layout in a.layouts.split(","):
-        n = int(layout.split(":")[0])
+    runs = [(layout, int(layout.split(":")[0])) for layout in a.layouts.split(",")]
+    if a.torch_ddp:
+        runs.append((f"torch DDP data={a.torch_ddp}", a.torch_ddp))
+    for layout, n in runs:
         if n > available:
             print(f"{layout}: skipped, {available} device(s) here", flush=True)
             continue
-        cmd = [sys.executable, __file__, "--child", layout] + [
-            f"--{k}={getattr(a, k)}" for k in ("preset", "per_device_batch", "seq", "r", "steps")
-        ]
-        row = child_runs.run(cmd)
+        if layout.startswith("torch"):
+            experiments = os.path.dirname(os.path.abspath(__file__))
+            env = os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), experiments])}
+            cmd = [
+                "torchrun",
+                "--standalone",
+                f"--nproc_per_node={n}",
+                os.path.join(experiments, "bench_torch_ddp.py"),
+            ]
+            cmd += [f"--preset={a.preset}", f"--batch={a.per_device_batch}", f"--seq={a.seq}", f"--r={a.r}"]
+            row = child_runs.run(cmd, env)
+        else:
+            cmd = [sys.executable, __file__, "--child", layout] + [
+                f"--{k}={getattr(a, k)}"
+                for k in ("preset", "per_device_batch", "seq", "r", "steps", "remat", "offload_state")
+            ]
+            row = child_runs.run(cmd) | {
+                "framework": "qlora_jax",
+                "remat": a.remat,
+                "offload_state": a.offload_state,
+            }
         row |= {
             "layout": layout,
             "devices": n,

@@ -41,9 +41,10 @@ def quantize_linears(model: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
-    a = torch_steps.parser().parse_args()
-    cfg = preset(a.preset)
+def qlora_model(preset_name: str, r: int) -> torch.nn.Module:
+    """The preset's shape with random bf16 weights built on the current GPU, its linears in NF4,
+    gradient checkpointing on, and peft LoRA (alpha 2r) on all 7 projections."""
+    cfg = preset(preset_name)
     torch.manual_seed(0)
     hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), attn_implementation="sdpa")
     with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
@@ -53,15 +54,23 @@ def main() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     lora = peft.LoraConfig(
-        r=a.r,
-        lora_alpha=2 * a.r,
+        r=r,
+        lora_alpha=2 * r,
         lora_dropout=0.0,
         target_modules=torch_steps.PROJECTIONS,
         task_type="CAUSAL_LM",
     )
-    model = peft.get_peft_model(model, lora)
-    versions = {"transformers": transformers.__version__, "peft": peft.__version__}
-    torch_steps.time_and_report("torch+peft+bnb", model, cfg.vocab_size, a, versions, autocast=True)
+    return peft.get_peft_model(model, lora)
+
+
+VERSIONS = {"transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def main() -> None:
+    a = torch_steps.parser().parse_args()
+    model = qlora_model(a.preset, a.r)
+    vocab = preset(a.preset).vocab_size
+    torch_steps.time_and_report("torch+peft+bnb", model, vocab, a, VERSIONS, autocast=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def time_train_step(
     """(median seconds per step after `warmup` untimed steps, last metrics, XLA's memory plan in
     GiB). The step is compiled ahead of time, outside every timing, so warmup=0 times the very
     first run (for long contexts, where one step takes minutes); each step waits for its outputs."""
+    start = time.perf_counter()
     compiled = train_step.lower(lora, state, frozen, batch, None).compile()
     analysis = compiled.memory_analysis()
     plan = {
@@ -27,13 +28,14 @@ def time_train_step(
         for name in ("argument", "temp", "host_temp", "host_argument")
     }
     plan["peak_after_compile_gib"] = peak_gib()
+    plan["compile_s"] = time.perf_counter() - start
     if steps + warmup == 0:  # compile only (fills the persistent compilation cache)
         return float("nan"), None, plan
     times, metrics = [], None
-    for i in range(steps + warmup):
+    for _ in range(steps + warmup):
         start = time.perf_counter()
         lora, state, metrics = compiled(lora, state, frozen, batch, None)
         jax.block_until_ready((lora, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return float(np.median(times)), metrics, plan
+        times.append(time.perf_counter() - start)
+    plan["first_step_s"] = times[0]
+    return float(np.median(times[warmup:])), metrics, plan

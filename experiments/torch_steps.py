@@ -27,16 +27,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def time_and_report(
+def time_steps(
     framework: str,
     model: torch.nn.Module,
     vocab_size: int,
     a: argparse.Namespace,
     versions: dict[str, str],
     autocast: bool,
-) -> None:
+) -> dict:
     """Train `model` (adapters only) on random tokens: median step time after a.warmup untimed
-    steps, peak CUDA memory since the first step, reported as one RESULT line."""
+    steps and peak CUDA memory since the first step, as a result row. `model` may be wrapped in
+    DistributedDataParallel: each process then times its own steps on its own batch."""
     opt = bnb.optim.PagedAdamW32bit([q for q in model.parameters() if q.requires_grad], lr=2e-4)
     ids = torch.randint(0, vocab_size, (a.batch, a.seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -56,13 +57,23 @@ def time_and_report(
             times.append(time.perf_counter() - start)
     times.sort()
     step = times[len(times) // 2]
-    child_runs.report(
-        {
-            "framework": framework,
-            "step_s": step,
-            "tokens_per_s": a.batch * a.seq / step,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "loss": float(loss),
-            "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__} | versions,
-        }
-    )
+    return {
+        "framework": framework,
+        "step_s": step,
+        "tokens_per_s": a.batch * a.seq / step,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": float(loss),
+        "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__} | versions,
+    }
+
+
+def time_and_report(
+    framework: str,
+    model: torch.nn.Module,
+    vocab_size: int,
+    a: argparse.Namespace,
+    versions: dict[str, str],
+    autocast: bool,
+) -> None:
+    """time_steps on one GPU, reported as one RESULT line."""
+    child_runs.report(time_steps(framework, model, vocab_size, a, versions, autocast))
