@@ -133,7 +133,9 @@ def main() -> None:
             experiments = os.path.dirname(os.path.abspath(__file__))
             env = os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), experiments])}
             cmd = [
-                "torchrun",
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
                 "--standalone",
                 f"--nproc_per_node={n}",
                 os.path.join(experiments, "bench_torch_ddp.py"),
