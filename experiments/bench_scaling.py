@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--offload_state", type=int, default=1, help="1: AdamW state in pinned host memory")
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    p.add_argument("--call", default="", help="the call id to record (a call split over commands)")
     p.add_argument("--child", default="", help="internal: one layout to run in this process")
     a = p.parse_args()
     if a.child:
@@ -120,7 +121,7 @@ def main() -> None:
     import jax
 
     gpu, available = jax.devices()[0].device_kind, len(jax.devices())
-    call_id = datetime.datetime.now().isoformat(timespec="seconds")
+    call_id = a.call or datetime.datetime.now().isoformat(timespec="seconds")
     os.makedirs(a.out, exist_ok=True)
     runs = [(layout, int(layout.split(":")[0])) for layout in a.layouts.split(",")]
     if a.torch_ddp:
@@ -131,7 +132,8 @@ def main() -> None:
             continue
         if layout.startswith("torch"):
             experiments = os.path.dirname(os.path.abspath(__file__))
-            env = os.environ | {"PYTHONPATH": os.pathsep.join([os.getcwd(), experiments])}
+            paths = [os.path.dirname(experiments), experiments, os.environ.get("PYTHONPATH", "")]
+            env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
             cmd = [
                 sys.executable,
                 "-m",
@@ -140,7 +142,8 @@ def main() -> None:
                 f"--nproc_per_node={n}",
                 os.path.join(experiments, "bench_torch_ddp.py"),
             ]
-            cmd += [f"--preset={a.preset}", f"--batch={a.per_device_batch}", f"--seq={a.seq}", f"--r={a.r}"]
+            cmd += [f"--preset={a.preset}", f"--batch={a.per_device_batch}", f"--seq={a.seq}"]
+            cmd += [f"--lora_rank={a.r}"]  # not --r: torchrun takes it for a prefix of its own options
             row = child_runs.run(cmd, env)
         else:
             cmd = [sys.executable, __file__, "--child", layout] + [

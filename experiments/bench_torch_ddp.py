@@ -1,10 +1,10 @@
 """The PyTorch QLoRA stack data-parallel over the GPUs of one host (issue 21's anchor):
-transformers + peft + bitsandbytes as in bench_torch.py, wrapped in DistributedDataParallel,
-one process per GPU started by torchrun (torch.distributed.run), each on its own batch of random tokens. Rank 0 prints
-one RESULT line (child_runs.report): the median step over ranks' medians, global tokens/s, and
-the largest per-device peak. Usage (from the repository root, PYTHONPATH=$PWD:experiments):
+transformers + peft + bitsandbytes as in bench_torch.py, wrapped in DistributedDataParallel, one
+process per GPU started by torchrun (torch.distributed.run), each on its own batch of random
+tokens. Rank 0 prints one RESULT line (child_runs.report): the median step over ranks' medians,
+global tokens/s, and the largest per-device peak. Usage (repository root, PYTHONPATH=$PWD:experiments):
   torchrun --standalone --nproc_per_node 4 experiments/bench_torch_ddp.py \
-      --preset llama2-7b --batch 4 --seq 2048
+      --preset llama2-7b --batch 4 --seq 2048 --lora_rank 16
 """
 
 from __future__ import annotations

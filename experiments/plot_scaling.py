@@ -47,8 +47,8 @@ def main() -> None:
     ax.set_ylabel("tokens/s")
     ax.set_xticks(range(1, most + 1))
     ax.set_title(
-        f"{base['preset']} NF4 LoRA r={base['rank']}, {base['per_device_batch']} x {base['seq']} per data rank; "
-        f"{base['gpu']}",
+        f"{base['preset']} NF4 LoRA r={base['rank']}, "
+        f"{base['per_device_batch']} x {base['seq']} per data rank; {base['gpu']}",
         fontsize=9,
     )
     ax.grid(alpha=0.3)

@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--seq", type=int, required=True)
-    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--r", "--lora_rank", dest="r", type=int, default=16)  # torchrun: --lora_rank
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     return p
