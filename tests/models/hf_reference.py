@@ -26,15 +26,16 @@ def small_config(**changes) -> LlamaConfig:
     return LlamaConfig(**(base | changes))
 
 
-# Phi-3-128k's LongRoPE on the small shape: sequences up to 64 positions use the short factors,
-# longer ones the long; the factors are float32-exact (GGUF stores them as float32).
+# Phi-3-128k's LongRoPE on the small shape: sequences up to 16 positions use the short factors,
+# longer ones (generation's) the long, far enough from the short ones that greedy tokens change when
+# the cache keeps the short-factor keys; the factors are float32-exact (GGUF stores float32).
 PHI3_LONGROPE = RopeScaling(
     "longrope",
-    factor=2.0,
-    original_max_position_embeddings=64,
+    factor=8.0,
+    original_max_position_embeddings=16,
     short_factor=tuple(1.0 + 0.25 * i for i in range(8)),
-    long_factor=tuple(2.0 + 0.5 * i for i in range(8)),
-    attention_factor=float(np.sqrt(1 + np.log(2.0) / np.log(64))),
+    long_factor=tuple(4.0 * 2.0**i for i in range(8)),
+    attention_factor=float(np.sqrt(1 + np.log(8.0) / np.log(16))),
 )
 
 # What sets each family apart, on small_config's shape; Qwen3's head_dim (64) differs from

@@ -89,7 +89,7 @@ def test_config_and_frozen_tree_carry_the_family(family):
             frozen["layers"]["mlp"]["gate_up_proj"]["weight"][0],
             ref.model.layers[0].mlp.gate_up_proj.weight.detach(),
         )
-        for length in (64, 100):  # up to original_max_position_embeddings: short factors; past it: long
+        for length in (16, 100):  # up to original_max_position_embeddings: short factors; past it: long
             positions = np.arange(length)[None]
             theirs = ref.model.rotary_emb(torch.zeros(1), torch.as_tensor(positions))
             for ours, ref_table in zip(cos_sin(cfg, positions, np.float32), theirs, strict=True):
@@ -116,6 +116,8 @@ def test_logits_match_transformers_with_padding_and_packing(family):
 
 
 def test_greedy_generation_matches_transformers(family):
+    # Phi-3's rows pass LongRoPE's original length (16) while decoding: transformers then computes
+    # the cache again with the long factors, and so do we
     _, ref, _, model, frozen = family
     prompts = [_tokens(1, 5, seed=3)[0].tolist(), _tokens(1, 9, seed=4)[0].tolist()]
     ours = generate(model, frozen, None, prompts, max_new_tokens=20)  # one left-padded batch, KV cache
