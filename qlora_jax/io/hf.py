@@ -16,7 +16,7 @@ import numpy as np
 from qlora_jax.io import bnb4bit
 from qlora_jax.io import gguf as gguf_io
 from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
-from qlora_jax.models.frozen import Quantization, build_frozen
+from qlora_jax.models.frozen import Quantization, build_frozen, linear_shapes
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -112,7 +112,8 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
     if bits is None:
         return cfg, read_stored
     if bits == 8:
-        first = "model.layers.0.self_attn.q_proj.weight"
+        group, name = next(iter(linear_shapes(cfg)))  # the first linear the config names
+        first = f"model.layers.0.{group}.{name}.weight"
         raise ValueError(
             f"{os.path.join(path, weight_map.get(first, 'model.safetensors'))}: {first} is an 8-bit "
             "(LLM.int8, load_in_8bit) weight; 8-bit checkpoints are not supported: use a 4-bit "
