@@ -41,6 +41,12 @@ FAMILIES = ("qwen2", "qwen3", "phi3")
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
 
 
+# one compiled forward per family for every (2, 10) batch through an adapter (eager apply retraces)
+_adapted_logits = jax.jit(
+    lambda model, frozen, lora, tokens: model.apply(frozen, lora, tokens), static_argnums=0
+)
+
+
 def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, length), dtype=np.int32)
 
@@ -132,7 +138,7 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
     tokens = _tokens(2, 10)
     peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORA, model.config)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "ours")).eval()
-    ours_logits = np.asarray(model.apply(frozen, adapted, tokens))
+    ours_logits = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
     assert rel_err(ours_logits, hf_logits(theirs, tokens)) < TOL
     assert rel_err(ours_logits, hf_logits(ref, tokens)) > 1e-2  # the adapter (and biases) matter
     # an adapter peft made (random B, same keys as ours) loads into ours with peft's logits
@@ -146,7 +152,10 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
     )
     loaded, cfg = peft_io.load_adapter(str(tmp_path / "peft"), frozen, model.config)
     assert cfg.bias == "all"
-    assert rel_err(np.asarray(model.apply(frozen, loaded, tokens)), hf_logits(made.eval(), tokens)) < TOL
+    assert (
+        rel_err(np.asarray(_adapted_logits(model, frozen, loaded, tokens)), hf_logits(made.eval(), tokens))
+        < TOL
+    )
 
 
 def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tmp_path):
@@ -155,7 +164,8 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     assert merged.config.model_type == name
     tokens = _tokens(2, 10)
-    assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(merged.eval(), tokens)) < TOL
+    ours = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
+    assert rel_err(ours, hf_logits(merged.eval(), tokens)) < TOL
 
 
 def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
@@ -221,7 +231,7 @@ def test_sharded_forward_equals_one_device(family, adapted):
     _, _, _, model, frozen = family
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     tokens = _tokens(2, 10)
-    want = np.asarray(model.apply(frozen, adapted, tokens))
+    want = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
     frozen_sh = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
     lora_sh = jax.device_put(adapted, sharding.lora_shardings(mesh, adapted))
     got = jax.jit(lambda fr, lo, t: model.apply(fr, lo, t))(frozen_sh, lora_sh, tokens)
