@@ -2,8 +2,7 @@
 
 One config covers every supported family (MODEL_TYPES): a family is a set of field values
 (Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window, Phi-3: fused_qkv + fused_gate_up), which
-the decoder reads; nothing
-branches on the family's name except the HF config reader and writer here.
+the decoder reads; nothing branches on the family's name except the HF config reader and writer here.
 """
 
 from __future__ import annotations
