@@ -13,7 +13,18 @@ import bitsandbytes as bnb
 import child_runs
 import torch
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# every decoder projection of any family (peft targets those a model has: Phi-3's are fused)
+PROJECTIONS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+]
 
 
 def parser() -> argparse.ArgumentParser:

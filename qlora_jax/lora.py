@@ -89,8 +89,9 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
 
 
 def module_names(cfg: LlamaConfig) -> list[str]:
-    """Every linear module of the model under the names peft sees in its *ForCausalLM (all families
-    name them alike; Qwen3's q_norm/k_norm are not linear, so "all-linear" leaves them out as peft does)."""
+    """Every linear module of the model under the names peft sees in its *ForCausalLM (Phi-3's fused
+    qkv_proj and gate_up_proj are one module each; Qwen3's q_norm/k_norm are not linear, so
+    "all-linear" leaves them out as peft does)."""
     names = [f"model.layers.{i}.{g}.{n}" for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
     return names + ["lm_head"]
 

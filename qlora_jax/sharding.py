@@ -32,6 +32,8 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits 
 ROWS = ("fsdp", "tensor")  # weight rows (output features) are split over both
 
 # Frozen base, logical dims of one layer's tensor: (out, in) weights, (out,) biases, (V, D) tables.
+# Fused projections (Phi-3's qkv_proj, gate_up_proj) are split by rows like the rest: a cut may fall
+# inside q|k|v or gate|up, and XLA moves the activations the decoder's split needs.
 FROZEN_RULES: tuple[tuple[str, P], ...] = (
     (r"_proj/weight$", P(ROWS, None)),
     (r"_proj/bias$", P(ROWS)),

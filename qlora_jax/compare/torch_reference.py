@@ -14,7 +14,7 @@ import transformers
 
 from qlora_jax import lora as lora_lib
 from qlora_jax.models.config import LlamaConfig, to_hf_config
-from qlora_jax.models.frozen import LINEARS
+from qlora_jax.models.frozen import LINEARS, stored_linears
 from qlora_jax.quant import nf4
 
 
@@ -39,7 +39,7 @@ def adapter_modules(peft_model) -> Iterator[tuple[int, str, str, Any]]:
     for layer_index, layer in enumerate(peft_model.base_model.model.model.layers):
         for group, names in LINEARS.items():
             for name in names:
-                module = getattr(getattr(layer, group), name)
+                module = getattr(getattr(layer, group), name, None)  # a family has some of LINEARS
                 if hasattr(module, "lora_A") and "default" in module.lora_A:
                     yield layer_index, group, name, module
 
@@ -100,7 +100,7 @@ def quantize_with_bnb(
     for layer in hf_model.model.layers:
         for group, names in LINEARS.items():
             parent = getattr(layer, group)
-            for name in names:
+            for name in (name for name in names if hasattr(parent, name)):
                 child = getattr(parent, name)
                 q = bnb.nn.Linear4bit(
                     child.in_features,
@@ -128,12 +128,11 @@ def quantize_with_bnb(
 def frozen_from_bnb(frozen: dict, hf_model) -> dict:
     """Our frozen tree with each decoder linear taken from the bitsandbytes modules' own states."""
     frozen = jax.tree.map(np.asarray, frozen, is_leaf=lambda x: isinstance(x, nf4.NF4Tensor))
-    for group, names in LINEARS.items():
-        for name in names:
-            per_layer = []
-            for layer in hf_model.model.layers:
-                weight = getattr(getattr(layer, group), name).weight
-                state = weight.quant_state.as_dict(packed=False) | {"weight": weight.data.numpy()}
-                per_layer.append(nf4.NF4Tensor.from_bnb(state))
-            frozen["layers"][group][name]["weight"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    for group, name in stored_linears(frozen["layers"]):
+        per_layer = []
+        for layer in hf_model.model.layers:
+            weight = getattr(getattr(layer, group), name).weight
+            state = weight.quant_state.as_dict(packed=False) | {"weight": weight.data.numpy()}
+            per_layer.append(nf4.NF4Tensor.from_bnb(state))
+        frozen["layers"][group][name]["weight"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
     return frozen

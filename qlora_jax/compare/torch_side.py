@@ -14,11 +14,14 @@ from qlora_jax.train.optim import OptimConfig
 HF_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def segment_mask(segment_ids_BxT: np.ndarray) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal and inside one packed segment, as qlora_jax.models.attention builds it."""
+def segment_mask(segment_ids_BxT: np.ndarray, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, inside one packed segment and within the sliding window (Mistral,
+    Phi-3: a 4-D mask replaces transformers' own, window included), as qlora_jax.models.attention."""
     seg = torch.as_tensor(np.asarray(segment_ids_BxT))
     length = seg.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     return causal[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
 
 
@@ -27,7 +30,7 @@ def loss_sum(peft_model, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, fl
     causal_lm = peft_model.base_model.model
     hidden = causal_lm.model(
         input_ids=torch.as_tensor(batch["inputs"]).long(),
-        attention_mask=segment_mask(batch["segment_ids"]),
+        attention_mask=segment_mask(batch["segment_ids"], getattr(causal_lm.config, "sliding_window", None)),
         position_ids=torch.as_tensor(batch["positions"]).long(),
     ).last_hidden_state
     logits = torch.nn.functional.linear(hidden.float(), causal_lm.lm_head.weight.float())

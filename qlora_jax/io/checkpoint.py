@@ -26,20 +26,33 @@ from qlora_jax.models.config import LlamaConfig
 # Fields added after checkpoints existed, left out of the fingerprint at these values so that
 # older checkpoints still match their base (seq_tile and dequant_slices always: they are how to
 # run, not what).
-LATER_FIELDS = {"qkv_bias": False, "qk_norm": False}
+LATER_FIELDS = {
+    "qkv_bias": False,
+    "qk_norm": False,
+    "fused_qkv": False,
+    "fused_gate_up": False,
+    "partial_rotary_factor": 1.0,
+}
+LATER_ROPE_FIELDS = {"short_factor": (), "long_factor": (), "attention_factor": 1.0}  # longrope's
+
+
+def _repr_without(obj: Any, later: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """A dataclass's repr without the fields in `skip` and those of `later` at their given value."""
+    parts = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip or (f.name in later and value == later[f.name]):
+            continue
+        shown = _repr_without(value, LATER_ROPE_FIELDS) if f.name == "rope_scaling" else repr(value)
+        parts.append(f"{f.name}={shown}")
+    return f"{type(obj).__qualname__}({', '.join(parts)})"
 
 
 def _architecture(model_cfg: LlamaConfig) -> str:
     """The config's repr with how-to-run fields neutralized, as fingerprints have always hashed it;
-    the fields added later are left out (see LATER_FIELDS)."""
+    the fields added later are left out at their old value (LATER_FIELDS, LATER_ROPE_FIELDS)."""
     cfg = model_cfg.replace(dtype="-", remat_policy="none")
-    fields = [
-        f.name
-        for f in dataclasses.fields(cfg)
-        if f.name not in ("seq_tile", "dequant_slices")
-        and not (f.name in LATER_FIELDS and getattr(cfg, f.name) == LATER_FIELDS[f.name])
-    ]
-    return f"{type(cfg).__qualname__}({', '.join(f'{name}={getattr(cfg, name)!r}' for name in fields)})"
+    return _repr_without(cfg, LATER_FIELDS, skip=("seq_tile", "dequant_slices"))
 
 
 def base_fingerprint(model_cfg: LlamaConfig, frozen: Any) -> str:

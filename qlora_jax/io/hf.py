@@ -16,7 +16,7 @@ import numpy as np
 from qlora_jax.io import bnb4bit
 from qlora_jax.io import gguf as gguf_io
 from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
-from qlora_jax.models.frozen import Quantization, build_frozen
+from qlora_jax.models.frozen import Quantization, build_frozen, linear_shapes
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -30,8 +30,10 @@ GGUF_NAMES = {
     "post_attention_layernorm": "ffn_norm",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3: q|k|v rows, as in HF
+    "mlp.gate_up_proj": "ffn_up",  # Phi-3: gate|up rows, as in HF
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama.cpp's general.architecture values we read
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")  # llama.cpp's general.architecture values we read
 
 
 def is_gguf(path: str) -> bool:
@@ -110,7 +112,8 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
     if bits is None:
         return cfg, read_stored
     if bits == 8:
-        first = "model.layers.0.self_attn.q_proj.weight"
+        group, name = next(iter(linear_shapes(cfg)))  # the first linear the config names
+        first = f"model.layers.0.{group}.{name}.weight"
         raise ValueError(
             f"{os.path.join(path, weight_map.get(first, 'model.safetensors'))}: {first} is an 8-bit "
             "(LLM.int8, load_in_8bit) weight; 8-bit checkpoints are not supported: use a 4-bit "
@@ -163,6 +166,11 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
         raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported; valid: none, linear")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     head_dim = meta("attention.key_length")
+    phi3 = arch == "phi3"
+    if phi3:  # fused q|k|v and gate|up; LongRoPE's factors as tensors; 0 means no sliding window
+        head_dim = head_dim or int(meta("embedding_length")) // num_heads
+        if "rope_factors_long.weight" in names:
+            scaling = _gguf_longrope(reader, meta, int(meta("context_length")))
     return LlamaConfig(
         vocab_size=int(embed.shape[-1]),
         hidden_size=int(meta("embedding_length")),
@@ -178,10 +186,29 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
         tie_word_embeddings="output.weight" not in names,
         qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
+        sliding_window=(meta("attention.sliding_window") or None) if phi3 else None,
+        fused_qkv=phi3,
+        fused_gate_up=phi3,
+        partial_rotary_factor=int(meta("rope.dimension_count", head_dim)) / head_dim if phi3 else 1.0,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
         **runtime,
+    )
+
+
+def _gguf_longrope(reader: Any, meta: Callable[..., Any], context_length: int) -> RopeScaling:
+    """Phi-3's LongRoPE as llama.cpp's converter stores it: the factors as rope_factors_long/short
+    tensors, the original length and the attention factor as rope.scaling metadata."""
+    tensors = {t.name: t for t in reader.tensors}
+    original = int(meta("rope.scaling.original_context_length"))
+    return RopeScaling(
+        rope_type="longrope",
+        factor=context_length / original,
+        original_max_position_embeddings=original,
+        short_factor=tuple(np.asarray(tensors["rope_factors_short.weight"].data, np.float32).tolist()),
+        long_factor=tuple(np.asarray(tensors["rope_factors_long.weight"].data, np.float32).tolist()),
+        attention_factor=float(meta("rope.scaling.attn_factor", 1.0)),
     )
 
 

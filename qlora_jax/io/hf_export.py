@@ -18,7 +18,7 @@ from qlora_jax import lora as lora_lib
 from qlora_jax.io import bnb4bit
 from qlora_jax.io.safetensors_stream import write
 from qlora_jax.models.config import LlamaConfig, to_hf_config
-from qlora_jax.models.frozen import LINEARS, Quantization, layer_norms
+from qlora_jax.models.frozen import Quantization, layer_norms, stored_linears
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize, quantize
 
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -48,13 +48,12 @@ def _requantization_sums(w: jax.Array, block_size: int) -> tuple[jax.Array, jax.
 def requantization_error(merged: dict[str, Any], block_size: int = 64) -> float:
     """RMS error of re-quantizing the merged linears to NF4, relative to their RMS (what it adds)."""
     err = ref = 0.0
-    for group, names in LINEARS.items():
-        for name in names:
-            w = jnp.asarray(merged["layers"][group][name]["weight"], jnp.float32)
-            for i in range(w.shape[0]):
-                layer_err, layer_ref = _requantization_sums(w[i], block_size)
-                err += float(layer_err)
-                ref += float(layer_ref)
+    for group, name in stored_linears(merged["layers"]):
+        w = jnp.asarray(merged["layers"][group][name]["weight"], jnp.float32)
+        for i in range(w.shape[0]):
+            layer_err, layer_ref = _requantization_sums(w[i], block_size)
+            err += float(layer_err)
+            ref += float(layer_ref)
     return float(np.sqrt(err / ref))
 
 
@@ -79,12 +78,11 @@ def _hf_tensors(tree: dict[str, Any], cfg: LlamaConfig, dtype: str):
             for part in path:
                 node = node[part]
             layer[f"model.layers.{i}.{'.'.join(path)}.weight"] = arr(node["weight"][i])
-        for group, names in LINEARS.items():
-            for name in names:
-                params = jax.tree.map(lambda x, i=i: x[i], tree["layers"][group][name])
-                layer |= weight(f"model.layers.{i}.{group}.{name}.weight", params["weight"])
-                if "bias" in params:
-                    layer[f"model.layers.{i}.{group}.{name}.bias"] = arr(params["bias"])
+        for group, name in stored_linears(tree["layers"]):
+            params = jax.tree.map(lambda x, i=i: x[i], tree["layers"][group][name])
+            layer |= weight(f"model.layers.{i}.{group}.{name}.weight", params["weight"])
+            if "bias" in params:
+                layer[f"model.layers.{i}.{group}.{name}.bias"] = arr(params["bias"])
         yield from layer.items()
     yield "model.norm.weight", arr(tree["norm"]["weight"])
     if not cfg.tie_word_embeddings:
@@ -143,18 +141,16 @@ def save_merged(
 
 def requantized(merged: dict[str, Any], quant: Quantization) -> dict[str, Any]:
     """The merged tree with every per-layer linear quantized again (layer by layer) as `quant`."""
-    layers = dict(merged["layers"])
-    for group, names in LINEARS.items():
-        layers[group] = dict(layers[group])
-        for name in names:
-            params = dict(layers[group][name])
-            w = jnp.asarray(params["weight"], jnp.float32)
-            stacked = [
-                jax.device_get(_quantize(w[i], quant.block_size, quant.double_quant, quant.quant_type))
-                for i in range(w.shape[0])
-            ]
-            params["weight"] = jax.tree.map(lambda *leaves: np.stack(leaves), *stacked)
-            layers[group][name] = params
+    layers = {group: dict(modules) for group, modules in merged["layers"].items()}
+    for group, name in stored_linears(merged["layers"]):
+        params = dict(layers[group][name])
+        w = jnp.asarray(params["weight"], jnp.float32)
+        stacked = [
+            jax.device_get(_quantize(w[i], quant.block_size, quant.double_quant, quant.quant_type))
+            for i in range(w.shape[0])
+        ]
+        params["weight"] = jax.tree.map(lambda *leaves: np.stack(leaves), *stacked)
+        layers[group][name] = params
     return merged | {"layers": layers}
 
 
@@ -171,7 +167,7 @@ def save_bnb4bit(
     are in `tree`, dense tensors in `dtype` (also the compute dtype in the config)."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"bnb4bit dtype {dtype!r} unknown; valid: {sorted(STORE_DTYPES)}")
-    linears = [tree["layers"][group][name]["weight"] for group, names in LINEARS.items() for name in names]
+    linears = [tree["layers"][group][name]["weight"] for group, name in stored_linears(tree["layers"])]
     if not all(isinstance(w, NF4Tensor) for w in linears):
         raise ValueError(
             "the base is not stored in 4 bits (quantization none): export --format merged instead"

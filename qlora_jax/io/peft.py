@@ -1,9 +1,10 @@
 """PEFT-format adapters: adapter_model.safetensors + adapter_config.json, as peft writes and reads them.
 
-Keys are peft's for a *ForCausalLM of any supported family (all name modules alike) without the
-adapter name, e.g. "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (r, in) and
-"...lora_B.weight" (out, r); trained biases are "...q_proj.base_layer.bias" where LoRA wraps the
-module and "...q_proj.bias" where it does not (bias="all" on an untargeted module). Ranks below the
+Keys are peft's for a *ForCausalLM of any supported family (its module names: Phi-3's fused
+qkv_proj and gate_up_proj) without the adapter name, e.g.
+"base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (r, in) and "...lora_B.weight"
+(out, r); trained biases are "...q_proj.base_layer.bias" where LoRA wraps the module and
+"...q_proj.bias" where it does not (bias="all" on an untargeted module). Ranks below the
 stack's padding are cut on export and padded again on import, so a round trip is exact.
 """
 

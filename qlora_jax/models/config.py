@@ -1,23 +1,26 @@
 """LlamaConfig: the architecture of a LLaMA-style decoder and how to run it, read from HF or GGUF.
 
 One config covers every supported family (MODEL_TYPES): a family is a set of field values
-(Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window), which the decoder reads; nothing
-branches on the family's name except the HF config reader and writer here.
+(Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window, Phi-3: fused_qkv + fused_gate_up), which
+the decoder reads; nothing branches on the family's name except the HF config reader and writer here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # transformers' model_type values we load
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # transformers' model_type values we load
 # A family's own field and the fields no HF class of that family has (Qwen2, Qwen3).
 FAMILY_CLASHES = {
     "qkv_bias": ("qk_norm", "attention_bias", "mlp_bias", "sliding_window"),
     "qk_norm": ("mlp_bias", "sliding_window"),
+    "fused_gate_up": ("qkv_bias", "qk_norm", "attention_bias", "mlp_bias"),
 }
+PHI3_ORIGINAL_MAX_POSITIONS = 4096  # transformers' Phi3Config default of original_max_position_embeddings
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default when config.json has no head_dim
 REMAT_POLICIES = (
     "auto",  # offload below 16,384 tokens per row, offload_attention from there (decoder.py)
@@ -39,11 +42,22 @@ class RopeScaling:
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int | None = None  # llama3 only
+    original_max_position_embeddings: int | None = None  # llama3, longrope
+    short_factor: tuple[float, ...] = ()  # longrope: frequency divisors while positions fit the original
+    long_factor: tuple[float, ...] = ()  # longrope: divisors once a position reaches past the original
+    attention_factor: float = 1.0  # longrope: cos and sin multiplied by this (attention sharpened)
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; valid: {ROPE_TYPES}")
+        object.__setattr__(self, "short_factor", tuple(float(x) for x in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(x) for x in self.long_factor))
+        if self.rope_type == "longrope" and not (
+            self.original_max_position_embeddings and self.short_factor and self.long_factor
+        ):
+            raise ValueError(
+                "rope_type 'longrope' needs original_max_position_embeddings, short_factor and long_factor"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +80,11 @@ class LlamaConfig:
     mlp_bias: bool = False
     qkv_bias: bool = False  # Qwen2: biases on q/k/v only, none on o
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's features of q and k, before RoPE
-    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
+    sliding_window: int | None = None  # Mistral, Phi-3: attend to the last `sliding_window` keys only
+    # Phi-3: one qkv_proj whose output features are q, then k, then v (sizes from the head counts)
+    fused_qkv: bool = False
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj whose output features are gate, then up
+    partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE turns the first int(head_dim * factor) features
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -93,7 +111,26 @@ class LlamaConfig:
             raise ValueError(f"dequant_slices {self.dequant_slices} must be >= 1 (1: whole weights)")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and turn an even "
+                f"number of a head's {self.head_dim} features (it turns {self.rotary_dim})"
+            )
+        factors = {len(self.rope_scaling.short_factor), len(self.rope_scaling.long_factor)}
+        if self.rope_scaling.rope_type == "longrope" and factors != {self.rotary_dim // 2}:
+            raise ValueError(
+                f"longrope short_factor/long_factor have {sorted(factors)} values; the rotary dimension "
+                f"{self.rotary_dim} needs {self.rotary_dim // 2} each"
+            )
+        if (self.fused_gate_up or self.partial_rotary_factor != 1.0) and not (
+            self.fused_qkv and self.fused_gate_up
+        ):
+            raise ValueError(
+                "fused_gate_up and partial_rotary_factor != 1 are Phi-3's and need fused_qkv=True and "
+                f"fused_gate_up=True; no other supported family {MODEL_TYPES} has them"
+            )
         fields_on = {
+            "fused_gate_up": self.fused_gate_up,
             "qkv_bias": self.qkv_bias,
             "qk_norm": self.qk_norm,
             "attention_bias": self.attention_bias,
@@ -106,8 +143,15 @@ class LlamaConfig:
                 raise ValueError(f"{field} with {', '.join(clash)} matches no supported family {MODEL_TYPES}")
 
     @property
+    def rotary_dim(self) -> int:
+        """Features of each head that RoPE turns (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def model_type(self) -> str:
         """The transformers family whose architecture these fields describe (for export)."""
+        if self.fused_gate_up:
+            return "phi3"
         if self.qk_norm:
             return "qwen3"
         if self.qkv_bias:
@@ -131,15 +175,38 @@ class LlamaConfig:
         return self.vocab_size * d + self.num_layers * layer + d + head
 
 
+def _longrope_from_hf(hf: Mapping[str, Any], scaling: Mapping[str, Any], original: int | None) -> RopeScaling:
+    """LongRoPE as transformers initializes it: factor defaults to max_position_embeddings /
+    original, and the attention factor to sqrt(1 + ln(factor) / ln(original)) above 1."""
+    original = int(original or hf.get("max_position_embeddings", 4096))
+    factor = float(scaling.get("factor") or int(hf.get("max_position_embeddings", 4096)) / original)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        rope_type="longrope",
+        factor=factor,
+        original_max_position_embeddings=original,
+        short_factor=tuple(scaling.get("short_factor") or ()),
+        long_factor=tuple(scaling.get("long_factor") or ()),
+        attention_factor=float(attention_factor),
+    )
+
+
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     """transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
     params = dict(hf.get("rope_parameters") or {})
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = dict(hf.get("rope_scaling") or {}) or params
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    original = scaling.get("original_max_position_embeddings")
+    if hf.get("model_type") == "phi3":  # Phi3Config: legacy names, its own top-level original length
+        rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+        original = hf.get("original_max_position_embeddings", PHI3_ORIGINAL_MAX_POSITIONS)
     if rope_type == "default":
         return float(theta), RopeScaling()
-    original = scaling.get("original_max_position_embeddings")
+    if rope_type == "longrope":
+        return float(theta), _longrope_from_hf(hf, scaling, original)
     return float(theta), RopeScaling(
         rope_type=rope_type,
         factor=float(scaling.get("factor", 1.0)),
@@ -167,6 +234,12 @@ def _sliding_layers(hf: Mapping[str, Any]) -> list[int]:
     return list(range(int(hf.get("max_window_layers", num_layers)), num_layers))
 
 
+def _partial_rotary_factor(hf: Mapping[str, Any]) -> float:
+    """Phi-3's config.json keeps it at the top level or (transformers 5) in rope_parameters."""
+    params = hf.get("rope_parameters") or {}
+    return float(hf.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0)
+
+
 def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     """Build a LlamaConfig from a transformers `config.json` dict of any family in MODEL_TYPES."""
     model_type = hf.get("model_type", "llama")
@@ -176,6 +249,7 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
     is_qwen = model_type in ("qwen2", "qwen3")
+    is_phi3 = model_type == "phi3"
     if is_qwen and (sliding := _sliding_layers(hf)):
         raise ValueError(
             f"model_type {model_type!r} with use_sliding_window=true (sliding_window={hf['sliding_window']}, "
@@ -198,11 +272,14 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-        mlp_bias=not is_qwen and bool(hf.get("mlp_bias", False)),
+        attention_bias=model_type not in ("qwen2", "phi3") and bool(hf.get("attention_bias", False)),
+        mlp_bias=not (is_qwen or is_phi3) and bool(hf.get("mlp_bias", False)),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        sliding_window=hf.get("sliding_window") if model_type in ("mistral", "phi3") else None,
+        fused_qkv=is_phi3,
+        fused_gate_up=is_phi3,
+        partial_rotary_factor=_partial_rotary_factor(hf) if is_phi3 else 1.0,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
@@ -215,6 +292,7 @@ HF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -224,6 +302,13 @@ def _family_fields(cfg: LlamaConfig) -> dict[str, Any]:
         return {"use_sliding_window": False}
     if cfg.model_type == "qwen3":
         return {"use_sliding_window": False, "attention_bias": cfg.attention_bias}
+    if cfg.model_type == "phi3":  # no biases; transformers reads the original length at the top level
+        original = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
+        return {
+            "sliding_window": cfg.sliding_window,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+            "original_max_position_embeddings": original,
+        }
     biases = {"attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias}
     return biases | ({"sliding_window": cfg.sliding_window} if cfg.model_type == "mistral" else {})
 
@@ -233,6 +318,13 @@ def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling.rope_type != "default":
         rope["factor"] = cfg.rope_scaling.factor
+    if cfg.rope_scaling.rope_type == "longrope":
+        rope.update(
+            original_max_position_embeddings=cfg.rope_scaling.original_max_position_embeddings,
+            short_factor=list(cfg.rope_scaling.short_factor),
+            long_factor=list(cfg.rope_scaling.long_factor),
+            attention_factor=cfg.rope_scaling.attention_factor,
+        )
     if cfg.rope_scaling.rope_type == "llama3":
         rope.update(
             low_freq_factor=cfg.rope_scaling.low_freq_factor,

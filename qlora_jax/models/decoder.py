@@ -1,7 +1,8 @@
 """Flax LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
 
 One decoder for every family: their differences are LlamaConfig fields read here and in the
-frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`).
+frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`; Phi-3's
+fused projections: `fused_qkv`, `fused_gate_up`, split here after one matmul each).
 
 Weights are not Flax params: the module reads them from two variable collections passed at
 apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
@@ -146,6 +147,14 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * weight.astype(self.dtype)
 
 
+def split_qkv(cfg: LlamaConfig, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fused projection's (..., features) output cut into q, k and v, in that order (Phi-3's
+    qkv_proj): num_heads * head_dim features, then num_kv_heads * head_dim twice."""
+    q_end = cfg.num_heads * cfg.head_dim
+    k_end = q_end + cfg.num_kv_heads * cfg.head_dim
+    return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
     lora_dropout: float = 0.0
@@ -154,15 +163,17 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = x.shape
-        q = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="q_proj")(x).reshape(
-            batch, length, cfg.num_heads, cfg.head_dim
-        )
-        k = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="k_proj")(x).reshape(
-            batch, length, cfg.num_kv_heads, cfg.head_dim
-        )
-        v = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="v_proj")(x).reshape(
-            batch, length, cfg.num_kv_heads, cfg.head_dim
-        )
+
+        def linear(name: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, cfg.dequant_slices, name=name)
+
+        if cfg.fused_qkv:
+            q, k, v = split_qkv(cfg, linear("qkv_proj")(x))
+        else:
+            q, k, v = linear("q_proj")(x), linear("k_proj")(x), linear("v_proj")(x)
+        q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:  # Qwen3: each head's q and k normalized over head_dim, before RoPE
             q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
@@ -179,14 +190,13 @@ class Attention(nn.Module):
             implementation=attention_implementation(cfg, q.dtype, ctx.mask),
         )
         out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
-        out = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="o_proj")(
-            out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
-        )
+        out = linear("o_proj")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
         return out, layer_cache
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Called as (carry, x) -> (carry, y) so that the same
+    """SwiGLU: down(silu(gate(x)) * up(x)); with fused_gate_up one gate_up_proj whose output halves
+    are gate, then up (Phi-3). Called as (carry, x) -> (carry, y) so that the same
     module (and its variable paths) can be scanned over sequence tiles (DecoderLayer)."""
 
     cfg: LlamaConfig
@@ -199,8 +209,11 @@ class MLP(nn.Module):
         def linear(name: str) -> Linear:
             return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=name)
 
-        gate = checkpoint_name(linear("gate_proj")(x), MATMUL_OPERANDS)
-        up = checkpoint_name(linear("up_proj")(x), MATMUL_OPERANDS)
+        if self.cfg.fused_gate_up:
+            gate, up = jnp.split(linear("gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate, up = linear("gate_proj")(x), linear("up_proj")(x)
+        gate, up = checkpoint_name(gate, MATMUL_OPERANDS), checkpoint_name(up, MATMUL_OPERANDS)
         product = checkpoint_name(nn.silu(gate) * up, MATMUL_OPERANDS)
         return carry, linear("down_proj")(product)
 

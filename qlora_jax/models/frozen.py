@@ -4,6 +4,7 @@ The tree mirrors HF names with layers stacked on axis 0:
   {"embed_tokens": {"weight"}, "layers": {"input_layernorm": {"weight"}, "self_attn": {"q_proj":
   {"weight", "bias"?}, ..., "q_norm"/"k_norm": {"weight"} (Qwen3 only)}, "post_attention_layernorm":
   {...}, "mlp": {...}}, "norm": {"weight"}, "lm_head": {"weight"} (untied only)}
+Phi-3 keeps its fused projections as stored: "qkv_proj" for q/k/v, "gate_up_proj" for gate/up.
 Linear weights keep PyTorch's (out, in) order, as NF4Tensor or dense arrays; norms are float32.
 """
 
@@ -21,9 +22,10 @@ import numpy as np
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import nf4
 
+# Every per-layer projection of any family; a model has those linear_shapes(cfg) names.
 LINEARS = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "self_attn": ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "gate_up_proj", "down_proj"),
 }
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 QK_NORMS = ("q_norm", "k_norm")  # inside self_attn, with qk_norm (Qwen3)
@@ -45,17 +47,34 @@ class Quantization:
 
 
 def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
-    """(out, in) of every per-layer projection, keyed by (group, name)."""
+    """(out, in) of every per-layer projection, keyed by (group, name); fused ones (Phi-3) stack
+    their parts' output rows."""
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    return {
-        ("self_attn", "q_proj"): (cfg.num_heads * h, d),
-        ("self_attn", "k_proj"): (cfg.num_kv_heads * h, d),
-        ("self_attn", "v_proj"): (cfg.num_kv_heads * h, d),
-        ("self_attn", "o_proj"): (d, cfg.num_heads * h),
-        ("mlp", "gate_proj"): (f, d),
-        ("mlp", "up_proj"): (f, d),
-        ("mlp", "down_proj"): (d, f),
-    }
+    if cfg.fused_qkv:
+        attention = {("self_attn", "qkv_proj"): ((cfg.num_heads + 2 * cfg.num_kv_heads) * h, d)}
+    else:
+        attention = {
+            ("self_attn", "q_proj"): (cfg.num_heads * h, d),
+            ("self_attn", "k_proj"): (cfg.num_kv_heads * h, d),
+            ("self_attn", "v_proj"): (cfg.num_kv_heads * h, d),
+        }
+    if cfg.fused_gate_up:
+        gate_up = {("mlp", "gate_up_proj"): (2 * f, d)}
+    else:
+        gate_up = {("mlp", "gate_proj"): (f, d), ("mlp", "up_proj"): (f, d)}
+    return (
+        attention
+        | {("self_attn", "o_proj"): (d, cfg.num_heads * h)}
+        | gate_up
+        | {("mlp", "down_proj"): (d, f)}
+    )
+
+
+def stored_linears(layers: Any) -> list[tuple[str, str]]:
+    """(group, name) of every projection a frozen or merged tree's "layers" holds, in LINEARS order."""
+    return [
+        (group, name) for group, names in LINEARS.items() for name in names if name in layers.get(group, {})
+    ]
 
 
 def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:

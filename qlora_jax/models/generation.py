@@ -1,4 +1,8 @@
-"""Generation with a KV cache: prefill the (left-padded) prompts, then decode in one jit."""
+"""Generation with a KV cache: prefill the (left-padded) prompts, then decode in one jit.
+
+LongRoPE (Phi-3) switches to its long factors once a position passes the original length; as
+transformers' Phi3ForCausalLM does, the cache is then computed again over every token so far.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,24 @@ def _generate_padded(
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     logits, cache = model.apply(frozen, lora, tokens_BxP, attention_mask=mask_BxP, cache=cache)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    rope = model.config.rope_scaling
+    switch_at = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+
+    def decode(i, token_B, out_BxN, cache):
+        logits, cache = model.apply(frozen, lora, token_B[:, None], cache=cache)
+        return logits[:, -1], cache
+
+    def recompute(i, token_B, out_BxN, cache):
+        """Every token so far (prompt, then the generated ones up to slot i) through a fresh cache."""
+        tokens = jnp.concatenate([tokens_BxP, out_BxN], axis=1)
+        written = jnp.broadcast_to(jnp.arange(max_new_tokens) <= i, out_BxN.shape)
+        mask = jnp.concatenate([mask_BxP, written], axis=1)
+        fresh = model.init_cache(batch, prompt_len + max_new_tokens)
+        hidden, cache = model.apply(
+            frozen, lora, tokens, attention_mask=mask, cache=fresh, return_hidden=True
+        )
+        last = jax.lax.dynamic_slice_in_dim(hidden, prompt_len + i, 1, axis=1)
+        return model.logits(frozen, last)[:, -1], cache._replace(index=prompt_len + i + 1)
 
     def step(state):
         i, rng, logits_BxV, cache, out_BxN, done_B = state
@@ -42,8 +64,12 @@ def _generate_padded(
         token_B = jnp.where(done_B, pad_id, next_token(logits_BxV, key, sampling))
         out_BxN = out_BxN.at[:, i].set(token_B)
         done_B = done_B | jnp.isin(token_B, eos)
-        logits, cache = model.apply(frozen, lora, token_B[:, None], cache=cache)
-        return i + 1, rng, logits[:, -1], cache, out_BxN, done_B
+        if switch_at is None or prompt_len + max_new_tokens <= switch_at:
+            logits, cache = decode(i, token_B, out_BxN, cache)
+        else:  # the longest row's new token is the first past the original length: long factors
+            crossing = jnp.max(cache.next_position) == switch_at
+            logits, cache = jax.lax.cond(crossing, recompute, decode, i, token_B, out_BxN, cache)
+        return i + 1, rng, logits, cache, out_BxN, done_B
 
     def keep_going(state):
         i, *_, done_B = state

@@ -151,6 +151,23 @@ PRESETS: dict[str, LlamaConfig] = {
         bos_token_id=151643,
         eos_token_ids=(151645,),
     ),
+    "phi-3-mini": LlamaConfig(  # microsoft/Phi-3-mini-4k-instruct (3.8B)
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        sliding_window=2047,
+        fused_qkv=True,
+        fused_gate_up=True,
+        bos_token_id=1,
+        eos_token_ids=(32000,),
+        pad_token_id=32000,
+    ),
 }
 
 

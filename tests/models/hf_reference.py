@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from qlora_jax.compare.torch_reference import hf_config
-from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.config import LlamaConfig, RopeScaling
 
 
 def small_config(**changes) -> LlamaConfig:
@@ -26,12 +26,34 @@ def small_config(**changes) -> LlamaConfig:
     return LlamaConfig(**(base | changes))
 
 
+# Phi-3-128k's LongRoPE on the small shape: sequences up to 16 positions use the short factors,
+# longer ones (generation's) the long, far enough from the short ones that greedy tokens change when
+# the cache keeps the short-factor keys; the factors are float32-exact (GGUF stores float32).
+PHI3_LONGROPE = RopeScaling(
+    "longrope",
+    factor=8.0,
+    original_max_position_embeddings=16,
+    short_factor=tuple(1.0 + 0.25 * i for i in range(8)),
+    long_factor=tuple(4.0 * 2.0**i for i in range(8)),
+    attention_factor=float(np.sqrt(1 + np.log(8.0) / np.log(16))),
+)
+
 # What sets each family apart, on small_config's shape; Qwen3's head_dim (64) differs from
 # hidden / heads (32) as in Qwen3's own configs, so a decoder that derived it would fail.
+# Phi-3: fused projections, half of each head turned by RoPE (Phi-4-mini: 3/4), LongRoPE, and a
+# sliding window the test sequences reach past.
 FAMILIES = {
     "llama": {},
     "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6),
     "qwen3": dict(qk_norm=True, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6),
+    "phi3": dict(
+        fused_qkv=True,
+        fused_gate_up=True,
+        partial_rotary_factor=0.5,
+        rope_scaling=PHI3_LONGROPE,
+        max_position_embeddings=128,
+        sliding_window=8,
+    ),
 }
 
 

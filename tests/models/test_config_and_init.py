@@ -34,6 +34,7 @@ def test_published_sizes():
     assert round(PRESETS["llama2-70b"].num_params / 1e9, 1) == 69.0
     assert round(PRESETS["qwen2.5-7b"].num_params / 1e9, 2) == 7.62  # model card: 7.61B (7.615...)
     assert round(PRESETS["qwen3-8b"].num_params / 1e9, 2) == 8.19  # model card: 8.2B
+    assert round(PRESETS["phi-3-mini"].num_params / 1e9, 2) == 3.82  # model card: 3.8B
 
 
 def test_random_init_quantizes_every_layer_and_runs():
@@ -63,9 +64,15 @@ def test_random_init_dense_and_untied_head():
         (lambda: small_config(remat_policy="some"), "remat_policy 'some'"),
         (
             lambda: from_hf_config({"model_type": "gemma"}),
-            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3$",
+            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, phi3$",
         ),
         (lambda: small_config(qkv_bias=True, qk_norm=True), "qkv_bias with qk_norm matches no"),
+        (lambda: small_config(fused_gate_up=True), "need fused_qkv=True and fused_gate_up=True"),
+        (lambda: family_config("phi3", mlp_bias=True), "fused_gate_up with mlp_bias matches no"),
+        (
+            lambda: family_config("phi3", partial_rotary_factor=0.75),
+            r"^longrope short_factor/long_factor have \[8\] values; the rotary dimension 24 needs 12 each$",
+        ),
         (
             lambda: from_hf_config(to_hf_config(small_config()) | {"rope_scaling": {"rope_type": "yarn"}}),
             "yarn",
@@ -88,6 +95,39 @@ def test_qwen_config_json_fields_as_transformers_reads_them():
     assert from_hf_config(qwen3, dtype="float32") == family_config("qwen3")
     del qwen3["head_dim"]  # Qwen3Config's default is 128, not hidden / heads
     assert from_hf_config(qwen3).head_dim == 128
+
+
+def test_phi3_config_json_fields_as_transformers_reads_them():
+    """Phi-3-128k's config.json (rope type under the legacy key "type", no factor or attention factor,
+    the original length at the top level) and Phi-4-mini's partial rotary: our RoPE parameters are those
+    transformers' Phi3RotaryEmbedding derives (attention factor to 1e-12, float64 vs our float64)."""
+    import transformers
+
+    factors = [1.0 + 0.125 * i for i in range(12)]
+    published = to_hf_config(family_config("phi3")) | {
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "partial_rotary_factor": 0.75,
+        "rope_scaling": {"type": "longrope", "short_factor": factors, "long_factor": factors[::-1]},
+        "sliding_window": 262144,
+    }
+    ours = from_hf_config(published)
+    theirs = transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding(transformers.Phi3Config(**published))
+    assert (
+        ours.rope_scaling.rope_type == "longrope" and ours.rotary_dim == 24 and ours.sliding_window == 262144
+    )
+    assert ours.rope_scaling.original_max_position_embeddings == 4096 and ours.rope_scaling.factor == 32.0
+    assert abs(ours.rope_scaling.attention_factor - theirs.attention_scaling) < 1e-12
+    assert from_hf_config(to_hf_config(ours)) == ours
+    mini_4k = published | {
+        "max_position_embeddings": 4096,
+        "rope_scaling": None,
+        "partial_rotary_factor": None,
+    }
+    assert (
+        from_hf_config(mini_4k).rope_scaling.rope_type == "default"
+        and from_hf_config(mini_4k).rotary_dim == 32
+    )
 
 
 def test_checkpoint_with_wrong_shape_names_the_tensor(tmp_path):

@@ -1,16 +1,18 @@
-"""Qwen2 and Qwen3 against transformers and peft on small random models of each family (fp32, CPU):
+"""Qwen2, Qwen3 and Phi-3 against transformers and peft on small random models of each family (fp32, CPU):
 loading (safetensors and GGUF), logits with padding and packing, greedy generation, PEFT adapters
 both ways, merged export, sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io)
 cover the rest.
 
 Tolerance 1e-4 relative to the largest logit: both sides compute in float32 with different
 summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, or a wrong head_dim, moves
-logits by 1e-2 or more.
+logits by 1e-2 or more. Phi-3's RoPE tables (partial rotary, LongRoPE's short and long factors
+and attention factor) against transformers' own: 1e-6 relative, float32 cos/sin of the same angles.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -28,14 +30,21 @@ from qlora_jax.io import peft as peft_io
 from qlora_jax.models import llama
 from qlora_jax.models.generation import generate
 from qlora_jax.models.presets import preset
+from qlora_jax.models.rope import cos_sin
 from qlora_jax.quant import nf4
 from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_err, save
 from tests.peft_reference import randomize_b
 
 TOL = 1e-4
-FAMILIES = ("qwen2", "qwen3")
+FAMILIES = ("qwen2", "qwen3", "phi3")
 # bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
+
+
+# one compiled forward per family for every (2, 10) batch through an adapter (eager apply retraces)
+_adapted_logits = jax.jit(
+    lambda model, frozen, lora, tokens: model.apply(frozen, lora, tokens), static_argnums=0
+)
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -75,6 +84,22 @@ def test_config_and_frozen_tree_carry_the_family(family):
         assert cfg.qkv_bias and not cfg.attention_bias and cfg.tie_word_embeddings
         assert "bias" not in attn["o_proj"]
         np.testing.assert_array_equal(attn["k_proj"]["bias"][1], ref_attn.k_proj.bias.detach())
+    elif name == "phi3":  # fused projections kept as one tensor each; RoPE tables as transformers'
+        assert cfg.fused_qkv and cfg.fused_gate_up and cfg.rotary_dim == 16 and cfg.sliding_window == 8
+        assert sorted(attn) == ["o_proj", "qkv_proj"] and sorted(frozen["layers"]["mlp"]) == [
+            "down_proj",
+            "gate_up_proj",
+        ]
+        np.testing.assert_array_equal(attn["qkv_proj"]["weight"][1], ref_attn.qkv_proj.weight.detach())
+        np.testing.assert_array_equal(
+            frozen["layers"]["mlp"]["gate_up_proj"]["weight"][0],
+            ref.model.layers[0].mlp.gate_up_proj.weight.detach(),
+        )
+        for length in (16, 100):  # up to original_max_position_embeddings: short factors; past it: long
+            positions = np.arange(length)[None]
+            theirs = ref.model.rotary_emb(torch.zeros(1), torch.as_tensor(positions))
+            for ours, ref_table in zip(cos_sin(cfg, positions, np.float32), theirs, strict=True):
+                assert rel_err(np.asarray(ours), ref_table.numpy()) < 1e-6
     else:  # explicit head_dim 64 (hidden / heads = 32), q/k norms of that size
         assert cfg.qk_norm and cfg.head_dim == 64 and "lm_head" in frozen
         assert all("bias" not in attn[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -97,6 +122,8 @@ def test_logits_match_transformers_with_padding_and_packing(family):
 
 
 def test_greedy_generation_matches_transformers(family):
+    # Phi-3's rows pass LongRoPE's original length (16) while decoding: transformers then computes
+    # the cache again with the long factors, and so do we
     _, ref, _, model, frozen = family
     prompts = [_tokens(1, 5, seed=3)[0].tolist(), _tokens(1, 9, seed=4)[0].tolist()]
     ours = generate(model, frozen, None, prompts, max_new_tokens=20)  # one left-padded batch, KV cache
@@ -111,7 +138,7 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
     tokens = _tokens(2, 10)
     peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORA, model.config)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "ours")).eval()
-    ours_logits = np.asarray(model.apply(frozen, adapted, tokens))
+    ours_logits = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
     assert rel_err(ours_logits, hf_logits(theirs, tokens)) < TOL
     assert rel_err(ours_logits, hf_logits(ref, tokens)) > 1e-2  # the adapter (and biases) matter
     # an adapter peft made (random B, same keys as ours) loads into ours with peft's logits
@@ -125,7 +152,10 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
     )
     loaded, cfg = peft_io.load_adapter(str(tmp_path / "peft"), frozen, model.config)
     assert cfg.bias == "all"
-    assert rel_err(np.asarray(model.apply(frozen, loaded, tokens)), hf_logits(made.eval(), tokens)) < TOL
+    assert (
+        rel_err(np.asarray(_adapted_logits(model, frozen, loaded, tokens)), hf_logits(made.eval(), tokens))
+        < TOL
+    )
 
 
 def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tmp_path):
@@ -134,15 +164,19 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     assert merged.config.model_type == name
     tokens = _tokens(2, 10)
-    assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(merged.eval(), tokens)) < TOL
+    ours = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
+    assert rel_err(ours, hf_logits(merged.eval(), tokens)) < TOL
 
 
 def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
-    """ref's float32 weights as llama.cpp's converter writes a Qwen GGUF: its metadata keys, gguf's
-    own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only)."""
+    """ref's float32 weights as llama.cpp's converter writes a Qwen or Phi-3 GGUF: its metadata keys,
+    gguf's own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only;
+    Phi-3's fused attn_qkv and ffn_up keep HF's q|k|v and gate|up rows)."""
     import gguf
 
-    arch = gguf.MODEL_ARCH.QWEN2 if cfg.model_type == "qwen2" else gguf.MODEL_ARCH.QWEN3
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}[
+        cfg.model_type
+    ]
     names = gguf.get_tensor_name_map(arch, cfg.num_layers)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_block_count(cfg.num_layers)
@@ -151,8 +185,17 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
+    if cfg.model_type == "phi3":  # no head size key; LongRoPE's factors as tensors (Phi3MiniModel)
+        rope = cfg.rope_scaling
+        writer.add_rope_dimension_count(cfg.rotary_dim)
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_rope_scaling_orig_ctx_len(rope.original_max_position_embeddings)
+        writer.add_rope_scaling_attn_factors(rope.attention_factor)
+        writer.add_tensor("rope_factors_long.weight", np.asarray(rope.long_factor, np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.asarray(rope.short_factor, np.float32))
+    else:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     for name, tensor in ref.state_dict().items():
@@ -168,13 +211,17 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
 def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
     # the GGUF holds the same float32 values: the same config and a bit-equal frozen tree give the
     # logits already shown equal to transformers', with no forward. GGUF carries no token ids here
-    # and stores eps as float32 (1e-6 reads back as 9.99999997e-7: 3e-15 in the norm's denominator)
+    # and stores eps and LongRoPE's attention factor as float32 (1e-6 reads back as 9.99999997e-7:
+    # 3e-15 in the norm's denominator)
     _, ref, _, model, frozen = family
     path = _write_gguf(str(tmp_path / "model.gguf"), ref, model.config)
     from_gguf, frozen_gguf = llama.from_pretrained(path, quantization=None, dtype="float32")
-    eps = from_gguf.config.rms_norm_eps
+    eps, rope = from_gguf.config.rms_norm_eps, from_gguf.config.rope_scaling
     assert eps == pytest.approx(model.config.rms_norm_eps, rel=1e-7)
-    assert from_gguf.config == model.config.replace(bos_token_id=None, eos_token_ids=(), rms_norm_eps=eps)
+    assert rope.attention_factor == pytest.approx(model.config.rope_scaling.attention_factor, rel=1e-7)
+    rope = dataclasses.replace(model.config.rope_scaling, attention_factor=rope.attention_factor)
+    want = model.config.replace(bos_token_id=None, eos_token_ids=(), rms_norm_eps=eps, rope_scaling=rope)
+    assert from_gguf.config == want
     jax.tree.map(np.testing.assert_array_equal, frozen_gguf, frozen)
 
 
@@ -184,24 +231,29 @@ def test_sharded_forward_equals_one_device(family, adapted):
     _, _, _, model, frozen = family
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     tokens = _tokens(2, 10)
-    want = np.asarray(model.apply(frozen, adapted, tokens))
+    want = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
     frozen_sh = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
     lora_sh = jax.device_put(adapted, sharding.lora_shardings(mesh, adapted))
     got = jax.jit(lambda fr, lo, t: model.apply(fr, lo, t))(frozen_sh, lora_sh, tokens)
     assert rel_err(np.asarray(got), want) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "phi-3-mini"])
 def test_random_init_builds_the_preset_family_at_full_size(name):
     # traced, not run (jax.eval_shape): the real 7B/8B tree and forward, no memory and no compile
     model = llama.Llama(preset(name, dtype="bfloat16"))
     frozen = jax.eval_shape(lambda: llama.random_init(name, quantization="nf4", dtype="bfloat16")[1])
     cfg, attn = model.config, frozen["layers"]["self_attn"]
-    q = attn["q_proj"]["weight"]
-    assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+    if name == "phi-3-mini":  # fused q|k|v and gate|up rows, each one NF4 tensor
+        qkv, gate_up = attn["qkv_proj"]["weight"], frozen["layers"]["mlp"]["gate_up_proj"]["weight"]
+        assert isinstance(qkv, nf4.NF4Tensor) and qkv.shape == (3 * 3072, 3072) and "q_proj" not in attn
+        assert isinstance(gate_up, nf4.NF4Tensor) and gate_up.shape == (2 * 8192, 3072)
+    else:
+        q = attn["q_proj"]["weight"]
+        assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
     if name == "qwen2.5-7b":
         assert attn["v_proj"]["bias"].shape == (28, 512) and "bias" not in attn["o_proj"]
-    else:
+    elif name == "qwen3-8b":
         assert attn["q_norm"]["weight"].shape == (36, 128) and "bias" not in attn["q_proj"]
     logits = jax.eval_shape(lambda fr: model.apply(fr, None, np.zeros((1, 8), np.int32)), frozen)
     assert logits.shape == (1, 8, cfg.vocab_size)
