@@ -31,6 +31,8 @@ def main() -> None:
     call = a.call or rows[-1]["call"]
     rows = [r for r in rows if r["call"] == call and "tokens_per_s" in r]
     base = next(r for r in rows if r["devices"] == 1 and not r["layout"].startswith("torch"))
+    others = [r for r in rows if r["preset"] != base["preset"]]  # e.g. a 70B row with no 1-GPU run
+    rows = [r for r in rows if r["preset"] == base["preset"]]
     lines: dict[str, dict[int, float]] = defaultdict(dict)
     for r in rows:
         lines[kind(r["layout"])][r["devices"]] = r["tokens_per_s"]
@@ -66,6 +68,13 @@ def main() -> None:
         print(
             f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {speedup:.2f}x | "
             f"{speedup / data_ranks:.0%} | {max(peak):.2f} GiB | {first} |"
+        )
+    for r in others:
+        print(
+            f"| {r['preset']} r={r['rank']} {r['per_device_batch']} x {r['seq']}, {r['layout']} | "
+            f"{r['tokens_per_s']:,.0f} | - | - | {max(r['peak_mem_gib_per_device']):.2f} GiB "
+            f"(load {max(r['load_peak_gib_per_device']):.2f}, share {r['frozen_gib_per_device']:.2f}) | "
+            f"{r['start_to_first_step_s']:.0f} s |"
         )
 
 
