@@ -5,8 +5,10 @@ to <out>/scaling.jsonl: layout, devices, global batch, tokens/s, per-device peak
 frozen bytes, seconds from process start to the end of the first step. Random weights of the
 preset's shape created on the mesh, each device only its share (NF4 + double quant), LoRA r=16
 all-linear, remat `--remat`, AdamW state offloaded (`--offload_state 0`: on device) and split over
-the data axis, bf16, random tokens. `--torch_ddp N` adds the PyTorch anchor in the same call:
-transformers + peft + bitsandbytes under DDP on N GPUs (bench_torch_ddp.py, torchrun). Usage:
+the data axis, bf16, random tokens. A layout `4p:data=4` runs as 4 processes of one GPU each
+(jax.distributed on one host) instead of one process driving 4 GPUs. `--torch_ddp N` adds the
+PyTorch anchor in the same call: transformers + peft + bitsandbytes under DDP on N GPUs
+(bench_torch_ddp.py, torchrun). Usage:
   python experiments/bench_scaling.py --preset llama2-7b --per_device_batch 4 --seq 2048 \
       --layouts 1:data=1,2:data=2,2:fsdp=2 --torch_ddp 4 --out $OUT
 """
@@ -17,6 +19,9 @@ import argparse
 import datetime
 import json
 import os
+import re
+import socket
+import subprocess
 import sys
 import time
 
@@ -25,6 +30,16 @@ STARTED = time.time()  # a child's start, before JAX is imported: start-to-first
 import child_runs  # noqa: E402
 import numpy as np  # noqa: E402
 from step_timing import time_train_step  # noqa: E402
+
+
+def _device_peaks(jax, multihost_utils) -> list[float]:
+    """Peak GiB of every device of the run, gathered from all processes (device order)."""
+    local = np.array(
+        [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in jax.local_devices()]
+    )
+    if jax.process_count() > 1:
+        local = multihost_utils.process_allgather(local, tiled=True)
+    return [float(x) for x in local]
 
 
 def run_layout(
@@ -37,8 +52,16 @@ def run_layout(
     steps: int,
     remat: str,
     offload_state: bool,
+    processes: tuple[str, int, int] | None = None,
 ):
     import jax
+
+    if processes:  # (coordinator, count, id): this process drives one GPU of a multi-process mesh
+        coordinator, count, process_id = processes
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=count, process_id=process_id
+        )
+    from jax.experimental import multihost_utils
 
     from qlora_jax import lora as lora_lib
     from qlora_jax import sharding
@@ -52,11 +75,11 @@ def run_layout(
     model, frozen = llama.random_init(
         preset, quantization="nf4", dtype="bfloat16", remat_policy=remat, mesh=mesh
     )
-    load_peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
+    load_peaks = _device_peaks(jax, multihost_utils)
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     lora_shardings = sharding.lora_shardings(mesh, tree)
-    tree = jax.device_put(tree, lora_shardings)
+    tree = sharding.place(tree, lora_shardings)
     load_s = time.time() - STARTED
     optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload_state)
     optimizer = make_optimizer(optim_cfg)
@@ -72,7 +95,9 @@ def run_layout(
     )
     ready_s = time.time() - STARTED
     step, metrics, plan = time_train_step(train_step, tree, state, frozen, data, steps)
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mesh.devices.flat]
+    peaks = _device_peaks(jax, multihost_utils)
+    if jax.process_count() > 1:  # no process may leave while another still needs the coordinator
+        multihost_utils.sync_global_devices("bench_scaling done")
     return {
         "step_s": step,
         "tokens_per_s": batch * seq / step,
@@ -88,6 +113,34 @@ def run_layout(
     }
 
 
+def run_processes(cmd: list[str], n: int) -> dict:
+    """A layout as n processes of one GPU each (jax.distributed on this host): process 0's result."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        coordinator = f"localhost:{s.getsockname()[1]}"
+    cpu_devices = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--process={coordinator},{n},{i}"],
+            env=os.environ
+            | {
+                "CUDA_VISIBLE_DEVICES": str(i),
+                "XLA_FLAGS": cpu_devices,
+                "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    outputs = [p.communicate() for p in procs]
+    lines = [x for x in outputs[0][0].splitlines() if x.startswith(child_runs.PREFIX)]
+    if any(p.returncode for p in procs) or not lines:
+        return {"error": "\n".join(err[-800:] for _, err in outputs)}
+    return json.loads(lines[-1][len(child_runs.PREFIX) :])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="llama2-7b")
@@ -95,16 +148,22 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--layouts", default="1:data=1,2:data=2,2:fsdp=2", help="devices:axis=size;axis=size,...")
+    p.add_argument(
+        "--layouts",
+        default="1:data=1,2:data=2,2:fsdp=2",
+        help="devices[p]:axis=size;...,  p: one process per device",
+    )
     p.add_argument("--remat", default="auto", help="model.remat_policy")
     p.add_argument("--offload_state", type=int, default=1, help="1: AdamW state in pinned host memory")
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--call", default="", help="the call id to record (a call split over commands)")
     p.add_argument("--child", default="", help="internal: one layout to run in this process")
+    p.add_argument("--process", default="", help="internal: coordinator,count,id of a multi-process layout")
     a = p.parse_args()
     if a.child:
         n, mesh_spec = a.child.split(":")
+        coordinator, count, process_id = a.process.split(",") if a.process else ("", "1", "0")
         result = run_layout(
             a.preset,
             int(n),
@@ -115,15 +174,17 @@ def main() -> None:
             a.steps,
             a.remat,
             bool(a.offload_state),
+            (coordinator, int(count), int(process_id)) if a.process else None,
         )
-        child_runs.report(result)
+        if process_id == "0":
+            child_runs.report(result)
         return
     import jax
 
     gpu, available = jax.devices()[0].device_kind, len(jax.devices())
     call_id = a.call or datetime.datetime.now().isoformat(timespec="seconds")
     os.makedirs(a.out, exist_ok=True)
-    runs = [(layout, int(layout.split(":")[0])) for layout in a.layouts.split(",")]
+    runs = [(layout, int(layout.split(":")[0].rstrip("p"))) for layout in a.layouts.split(",")]
     if a.torch_ddp:
         runs.append((f"torch DDP data={a.torch_ddp}", a.torch_ddp))
     for layout, n in runs:
@@ -146,11 +207,11 @@ def main() -> None:
             cmd += [f"--lora_rank={a.r}"]  # not --r: torchrun takes it for a prefix of its own options
             row = child_runs.run(cmd, env)
         else:
-            cmd = [sys.executable, __file__, "--child", layout] + [
+            cmd = [sys.executable, __file__, "--child", layout.replace("p:", ":")] + [
                 f"--{k}={getattr(a, k)}"
                 for k in ("preset", "per_device_batch", "seq", "r", "steps", "remat", "offload_state")
             ]
-            row = child_runs.run(cmd) | {
+            row = (run_processes(cmd, n) if layout.split(":")[0].endswith("p") else child_runs.run(cmd)) | {
                 "framework": "qlora_jax",
                 "remat": a.remat,
                 "offload_state": a.offload_state,

@@ -11,7 +11,7 @@ import numpy as np
 
 def peak_gib() -> float:
     """The device's peak allocation so far (XLA cannot reset it: read it between phases)."""
-    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
 
 def time_train_step(
