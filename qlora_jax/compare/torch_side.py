@@ -31,6 +31,8 @@ def loss_sum(peft_model, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, fl
         position_ids=torch.as_tensor(batch["positions"]).long(),
     ).last_hidden_state
     logits = torch.nn.functional.linear(hidden.float(), causal_lm.lm_head.weight.float())
+    if (cap := getattr(causal_lm.config, "final_logit_softcapping", None)) is not None:  # Gemma 2
+        logits = cap * torch.tanh(logits / cap)
     token_loss = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), torch.as_tensor(batch["targets"]).long().flatten(), reduction="none"
     )
