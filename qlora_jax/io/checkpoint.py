@@ -26,7 +26,19 @@ from qlora_jax.models.config import LlamaConfig
 # Fields added after checkpoints existed, left out of the fingerprint at these values so that
 # older checkpoints still match their base (seq_tile and dequant_slices always: they are how to
 # run, not what).
-LATER_FIELDS = {"qkv_bias": False, "qk_norm": False}
+LATER_FIELDS = {
+    "qkv_bias": False,
+    "qk_norm": False,
+    "hidden_act": "silu",
+    "sandwich_norms": False,
+    "unit_offset_norms": False,
+    "scale_embeddings": False,
+    "query_pre_attn_scalar": None,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "layer_types": None,
+    "rope_local_theta": None,
+}
 
 
 def _architecture(model_cfg: LlamaConfig) -> str:
