@@ -166,8 +166,9 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if cfg.sandwich_norms:
+    if cfg.sandwich_norms:  # the per-layer pattern: 2 layers do not fit llama.cpp's fixed 1-in-6
         writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in cfg.layer_types])
     if cfg.attn_logit_softcapping is not None:
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -190,7 +191,7 @@ def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
     # logits already shown equal to transformers', with no forward. GGUF carries no token ids here
     # and stores eps as float32 (1e-6 reads back as 9.99999997e-7: 3e-15 in the norm's denominator).
     # Gemma: llama.cpp has no query_pre_attn_scalar (it scales by head_dim below 27B), and its
-    # (1 + weight) norms come back within float32 rounding of numbers near 1 (6e-8)
+    # (1 + weight) norms come back within float32 rounding of numbers near 2 (1.2e-7)
     _, ref, _, model, frozen = family
     path = _write_gguf(str(tmp_path / "model.gguf"), ref, model.config)
     from_gguf, frozen_gguf = llama.from_pretrained(path, quantization=None, dtype="float32")
@@ -204,7 +205,7 @@ def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
     for (path_, ours), theirs in zip(paths, jax.tree.leaves(frozen_gguf), strict=True):
         is_norm = "norm" in jax.tree_util.keystr(path_)
         np.testing.assert_allclose(
-            theirs, ours, rtol=0, atol=6e-8 if want.unit_offset_norms and is_norm else 0
+            theirs, ours, rtol=0, atol=1.2e-7 if want.unit_offset_norms and is_norm else 0
         )
 
 

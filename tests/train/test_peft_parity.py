@@ -1,5 +1,6 @@
 """Loss, every LoRA gradient and 10 AdamW steps against peft + torch.optim.AdamW (CPU, fp32, dropout 0);
-loss and gradients for each family (LLaMA, Qwen2, Qwen3) on bitsandbytes' own NF4 codes.
+loss and gradients for each family (LLaMA, Qwen2, Qwen3, Gemma 2, Gemma 3) on bitsandbytes' own NF4
+codes (Gemma 2's loss through its final-logit soft-cap on both sides).
 
 Tolerances: loss and gradients 1e-5 relative (float32 on both sides, different summation order;
 observed ~1e-6); weights after 10 AdamW steps 1e-4 relative (Adam divides by sqrt(v), which
@@ -65,8 +66,15 @@ def _torch_loss(peft_model, ids, labels):
 
 @pytest.mark.parametrize(
     ("family", "nf4"),
-    [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", True)],
-    ids=["llama-fp32-base", "llama-nf4-base", "qwen2-nf4-base", "qwen3-nf4-base"],
+    [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", True), ("gemma2", True), ("gemma3", True)],
+    ids=[
+        "llama-fp32-base",
+        "llama-nf4-base",
+        "qwen2-nf4-base",
+        "qwen3-nf4-base",
+        "gemma2-nf4-base",
+        "gemma3-nf4-base",
+    ],
 )
 def test_loss_and_every_lora_gradient_match_peft(tmp_path, family, nf4):
     model, frozen, peft_model, tree = _setup(tmp_path, nf4, family)
