@@ -212,7 +212,9 @@ def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
 def test_sharded_forward_equals_one_device(family, adapted):
     # tensor x fsdp split of weight rows (the q/k norms replicated): only the order of float32
     # sums changes, so logits agree to float32 rounding (1e-5)
-    _, _, _, model, frozen = family
+    name, _, _, model, frozen = family
+    if name == "gemma2":
+        pytest.skip("Gemma 2's tree is Gemma 3's less the q/k norms: one Gemma's compile is enough")
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     tokens = _tokens(2, 10)
     want = np.asarray(model.apply(frozen, adapted, tokens))
@@ -222,7 +224,7 @@ def test_sharded_forward_equals_one_device(family, adapted):
     assert rel_err(np.asarray(got), want) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "gemma-2-9b", "gemma-3-12b"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "gemma-3-12b"])
 def test_random_init_builds_the_preset_family_at_full_size(name):
     # traced, not run (jax.eval_shape): the real 7B/8B tree and forward, no memory and no compile
     model = llama.Llama(preset(name, dtype="bfloat16"))
@@ -232,10 +234,9 @@ def test_random_init_builds_the_preset_family_at_full_size(name):
     assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
     if name == "qwen2.5-7b":
         assert attn["v_proj"]["bias"].shape == (28, 512) and "bias" not in attn["o_proj"]
-    elif name.startswith("gemma"):  # head_dim 256 (hidden / heads: 224, 240), four norms a layer
-        assert cfg.head_dim == 256 and frozen["layers"]["post_feedforward_layernorm"]["weight"].shape[0] == (
-            cfg.num_layers
-        )
+    elif name == "gemma-3-12b":  # head_dim 256 (hidden / heads: 240), four norms a layer
+        norm = frozen["layers"]["post_feedforward_layernorm"]["weight"]
+        assert norm.shape == (48, 3840) and attn["q_norm"]["weight"].shape == (48, 256)
     else:
         assert attn["q_norm"]["weight"].shape == (36, 128) and "bias" not in attn["q_proj"]
     logits = jax.eval_shape(lambda fr: model.apply(fr, None, np.zeros((1, 8), np.int32)), frozen)
