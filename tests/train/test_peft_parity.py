@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.compare import torch_side
 from qlora_jax.compare.torch_reference import (
     copy_adapters_into,
     frozen_from_bnb,
@@ -83,6 +84,14 @@ def test_loss_and_every_lora_gradient_match_peft(tmp_path, family, nf4):
     loss_ref.backward()
     loss, _, grads = step_lib.mean_loss_and_grads(model, LORA, tree, frozen, batch, None, 1, 1024)
     np.testing.assert_allclose(loss, loss_ref.item(), rtol=1e-5)
+    # the compare CLI's torch loss (its own masks, soft-cap and sliding windows) is peft's too
+    one_segment = {
+        "segment_ids": np.ones_like(ids),
+        "positions": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
+    }
+    with torch.no_grad():
+        summed, count = torch_side.loss_sum(peft_model, batch | one_segment)
+    np.testing.assert_allclose(summed.item() / count, loss_ref.item(), rtol=1e-5)
     checked = 0
     for (layer, group, name), (ga, gb) in peft_grads(peft_model).items():
         g = grads["layers"][group][name]
