@@ -340,8 +340,11 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     if is_gemma:
         hf = _gemma_text_config(hf)
     act = hf.get("hidden_activation" if is_gemma else "hidden_act", "silu")
-    if act not in HIDDEN_ACTS or (act != "silu" and not is_gemma):
-        raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
+    valid_acts = HIDDEN_ACTS if is_gemma else ("silu",)
+    if act not in valid_acts:
+        raise ValueError(
+            f"hidden_act {act!r} of model_type {model_type!r} is not supported; valid: {valid_acts}"
+        )
     is_qwen = model_type in ("qwen2", "qwen3")
     if is_qwen and (sliding := _sliding_layers(hf)):
         raise ValueError(
