@@ -38,6 +38,7 @@ LATER_FIELDS = {
     "final_logit_softcapping": None,
     "layer_types": None,
     "rope_local_theta": None,
+    "text_of_multimodal": False,
 }
 
 

@@ -99,6 +99,9 @@ class LlamaConfig:
     # None: sliding_window, if set, applies to every layer (Mistral)
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of sliding layers (no scaling)
+    # the text decoder of a multimodal checkpoint (Gemma 3's gemma3): the same model, whose modules
+    # peft names model.language_model.* (Gemma3ForConditionalGeneration) in adapters
+    text_of_multimodal: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -156,6 +159,8 @@ class LlamaConfig:
             )
         if self.rope_local_theta is not None and not self.qk_norm:
             raise ValueError("rope_local_theta (Gemma 3) without qk_norm matches no supported family")
+        if self.text_of_multimodal and self.model_type != "gemma3_text":
+            raise ValueError("text_of_multimodal is Gemma 3's (model_type gemma3) only")
 
     def _check_layer_types(self) -> None:
         kinds = self.layer_types
@@ -271,7 +276,7 @@ def _gemma_text_config(hf: Mapping[str, Any]) -> dict[str, Any]:
     """A Gemma config.json with transformers' defaults filled in; for a multimodal `gemma3` one,
     its text_config (token ids and tying from the top level where text_config has none)."""
     if hf["model_type"] == "gemma3":
-        outer = {
+        outer = {"text_of_multimodal": True} | {
             k: hf[k]
             for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
             if k in hf
@@ -328,6 +333,7 @@ def _gemma_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
         attn_logit_softcapping=None if attn_cap is None or is_gemma3 else float(attn_cap),
         layer_types=tuple(hf["layer_types"]),
         sliding_window=hf.get("sliding_window"),
+        text_of_multimodal=bool(hf.get("text_of_multimodal", False)),
     )
 
 

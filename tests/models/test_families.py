@@ -243,9 +243,11 @@ def test_random_init_builds_the_preset_family_at_full_size(name):
     assert logits.shape == (1, 8, cfg.vocab_size)
 
 
-def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(family, tmp_path):
+def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(family, adapted, tmp_path):
     # Gemma3ForConditionalGeneration saves the text decoder under language_model.model.*, beside a
-    # vision tower; its text_config lists the decoder. Loaded, it is the gemma3_text model itself.
+    # vision tower; its text_config lists the decoder. Loaded, it is the gemma3_text model itself;
+    # our adapter of it loads in peft on the multimodal model (keys under model.language_model.,
+    # no LoRA on the vision tower) with our logits, and back into ours unchanged
     name, ref, _, model, frozen = family
     if name != "gemma3":
         pytest.skip("the multimodal checkpoint is Gemma 3's")
@@ -258,5 +260,12 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(family, tmp_path):
     multimodal.model.language_model.load_state_dict(ref.model.state_dict())
     path = save(multimodal, tmp_path / "multimodal")
     loaded, loaded_frozen = llama.from_pretrained(path, quantization=None, dtype="float32")
-    assert loaded.config == model.config
+    assert loaded.config == model.config.replace(text_of_multimodal=True)
     jax.tree.map(np.testing.assert_array_equal, loaded_frozen, frozen)
+    peft_io.save_adapter(str(tmp_path / "adapter"), adapted, LORA, loaded.config)
+    theirs = peft.PeftModel.from_pretrained(multimodal.eval(), str(tmp_path / "adapter")).eval()
+    assert not any("vision" in n and "lora_A" in n for n, _ in theirs.named_modules())
+    tokens = _tokens(2, 10)
+    assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(theirs, tokens)) < TOL
+    back, _ = peft_io.load_adapter(str(tmp_path / "adapter"), loaded_frozen, loaded.config)
+    jax.tree.map(np.testing.assert_array_equal, back, adapted)
