@@ -83,9 +83,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     qkv_bias: bool = False  # Qwen2: biases on q/k/v only, none on o
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's features of q and k, before RoPE
-    sliding_window: int | None = (
-        None  # attend to the last `sliding_window` keys only (every layer, or layer_types')
-    )
+    # attend to the last `sliding_window` keys only: on every layer (Mistral) or layer_types' sliding ones
+    sliding_window: int | None = None
     hidden_act: str = "silu"  # the MLP gate's activation (HIDDEN_ACTS)
     # Gemma 2/3: post_attention_layernorm and post_feedforward_layernorm norm each sublayer's output
     # before the residual add, pre_feedforward_layernorm the MLP's input (four norms per layer)
@@ -313,6 +312,17 @@ def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling, float]:
     return theta, scaling, float(local.get("rope_theta", GEMMA3_LOCAL_THETA))
 
 
+def _llama_qwen_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The LlamaConfig fields of a LLaMA / Mistral / Qwen config.json that Gemma's differ in."""
+    theta, scaling = _rope_from_hf(hf)
+    return dict(
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qk_norm=model_type == "qwen3",
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+    )
+
+
 def _gemma_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The LlamaConfig fields of a Gemma 2 / Gemma 3 text config (defaults filled in)."""
     is_gemma3 = hf["model_type"] == "gemma3_text"
@@ -358,10 +368,9 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
             f"max_window_layers={hf.get('max_window_layers')}) slides layers {sliding}: per-layer sliding "
             "windows are not supported; set use_sliding_window=false"
         )
-    theta, scaling = _rope_from_hf(hf) if not is_gemma else (None, None)
     num_heads = int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or (QWEN3_HEAD_DIM if model_type == "qwen3" else None)
-    family = _gemma_fields(hf) if is_gemma else {}
+    family = _gemma_fields(hf) if is_gemma else _llama_qwen_fields(hf, model_type)
     return LlamaConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -379,15 +388,7 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_token_ids(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
-        **(
-            family
-            or dict(
-                rope_theta=theta,
-                rope_scaling=scaling,
-                qk_norm=model_type == "qwen3",
-                sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            )
-        ),
+        **family,
         **runtime,
     )
 
