@@ -88,11 +88,18 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     return None
 
 
+def decoder_prefix(cfg: LlamaConfig) -> str:
+    """Where peft finds the decoder layers: model.layers of a *ForCausalLM, or the text decoder of
+    a multimodal checkpoint (Gemma3ForConditionalGeneration's model.language_model.layers)."""
+    return "model.language_model." if cfg.text_of_multimodal else "model."
+
+
 def module_names(cfg: LlamaConfig) -> list[str]:
     """Every linear module of the model under the names peft sees in its *ForCausalLM (Phi-3's fused
     qkv_proj and gate_up_proj are one module each; Qwen3's q_norm/k_norm are not linear, so
-    "all-linear" leaves them out as peft does)."""
-    names = [f"model.layers.{i}.{g}.{n}" for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
+    "all-linear" leaves them out as peft does), or in the multimodal model whose text decoder it is."""
+    prefix = decoder_prefix(cfg)
+    names = [f"{prefix}layers.{i}.{g}.{n}" for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
     return names + ["lm_head"]
 
 
@@ -129,7 +136,7 @@ def targeted_modules(model_cfg: LlamaConfig, cfg: LoraConfig) -> list[str]:
 
 
 def _split_name(name: str) -> tuple[int, str, str]:
-    _, _, layer, group, proj = name.split(".")
+    *_, layer, group, proj = name.split(".")
     return int(layer), group, proj
 
 

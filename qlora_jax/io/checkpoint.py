@@ -32,6 +32,16 @@ LATER_FIELDS = {
     "fused_qkv": False,
     "fused_gate_up": False,
     "partial_rotary_factor": 1.0,
+    "hidden_act": "silu",
+    "sandwich_norms": False,
+    "unit_offset_norms": False,
+    "scale_embeddings": False,
+    "query_pre_attn_scalar": None,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "layer_types": None,
+    "rope_local_theta": None,
+    "text_of_multimodal": False,
 }
 LATER_ROPE_FIELDS = {"short_factor": (), "long_factor": (), "attention_factor": 1.0}  # longrope's
 

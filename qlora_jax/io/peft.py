@@ -5,11 +5,15 @@ qkv_proj and gate_up_proj) without the adapter name, e.g.
 "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (r, in) and "...lora_B.weight"
 (out, r); trained biases are "...q_proj.base_layer.bias" where LoRA wraps the module and
 "...q_proj.bias" where it does not (bias="all" on an untargeted module). Ranks below the
-stack's padding are cut on export and padded again on import, so a round trip is exact.
+stack's padding are cut on export and padded again on import, so a round trip is exact. The text
+decoder of a multimodal Gemma 3 checkpoint is keyed as peft keys Gemma3ForConditionalGeneration
+("base_model.model.model.language_model.layers...."), "all-linear" written as the regex of its
+text decoder's linears (peft's own "all-linear" there would add the vision tower's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -18,10 +22,12 @@ import jax
 import numpy as np
 
 from qlora_jax.io.safetensors_stream import SafetensorsFile, write
-from qlora_jax.lora import LoraConfig, init_lora, targeted_modules
+from qlora_jax.lora import ALL_LINEAR, LoraConfig, decoder_prefix, init_lora, targeted_modules
 from qlora_jax.models.config import LlamaConfig
 
 PREFIX = "base_model.model."
+# "all-linear" of a multimodal checkpoint's text decoder (peft matches a string with re.fullmatch)
+TEXT_DECODER_LINEARS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -82,7 +88,7 @@ def save_adapter(
     tensors = {}
     targeted = targeted_modules(model_cfg, cfg)
     for name in targeted:
-        _, _, layer, group, proj = name.split(".")
+        *_, layer, group, proj = name.split(".")
         adapter = lora["layers"][group][proj]
         rank = cfg.rank_for(name)
         a = np.asarray(adapter["a"][int(layer)], np.float32)[:, :rank]
@@ -93,9 +99,11 @@ def save_adapter(
         for proj, adapter in modules.items():
             if "bias" in adapter:
                 for layer in range(model_cfg.num_layers):
-                    key = _bias_key(f"model.layers.{layer}.{group}.{proj}", targeted)
+                    key = _bias_key(f"{decoder_prefix(model_cfg)}layers.{layer}.{group}.{proj}", targeted)
                     tensors[key] = np.asarray(adapter["bias"][layer], np.float32)
     write(os.path.join(directory, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
+    if model_cfg.text_of_multimodal and cfg.target_modules == ALL_LINEAR:
+        cfg = dataclasses.replace(cfg, target_modules=TEXT_DECODER_LINEARS)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(peft_config_dict(cfg, base_model), f, indent=2)
 
@@ -113,7 +121,7 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
     tree = jax.tree.map(np.array, init_lora(jax.random.key(0), frozen, model_cfg, cfg))
     targeted = targeted_modules(model_cfg, cfg)
     for name in targeted:
-        _, _, layer, group, proj = name.split(".")
+        *_, layer, group, proj = name.split(".")
         a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
         if a_key not in names or b_key not in names:
             raise KeyError(
@@ -131,7 +139,7 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
         for proj, adapter in modules.items():
             if "bias" in adapter:
                 for layer in range(model_cfg.num_layers):
-                    key = _bias_key(f"model.layers.{layer}.{group}.{proj}", targeted)
+                    key = _bias_key(f"{decoder_prefix(model_cfg)}layers.{layer}.{group}.{proj}", targeted)
                     if key in names:
                         adapter["bias"][layer] = weights.read(key)
     return tree, cfg

@@ -2,8 +2,9 @@
 
 The tree mirrors HF names with layers stacked on axis 0:
   {"embed_tokens": {"weight"}, "layers": {"input_layernorm": {"weight"}, "self_attn": {"q_proj":
-  {"weight", "bias"?}, ..., "q_norm"/"k_norm": {"weight"} (Qwen3 only)}, "post_attention_layernorm":
-  {...}, "mlp": {...}}, "norm": {"weight"}, "lm_head": {"weight"} (untied only)}
+  {"weight", "bias"?}, ..., "q_norm"/"k_norm": {"weight"} (Qwen3, Gemma 3)}, "post_attention_layernorm":
+  {...}, "pre_feedforward_layernorm"/"post_feedforward_layernorm" (Gemma), "mlp": {...}}, "norm":
+  {"weight"}, "lm_head": {"weight"} (untied only)}
 Phi-3 keeps its fused projections as stored: "qkv_proj" for q/k/v, "gate_up_proj" for gate/up.
 Linear weights keep PyTorch's (out, in) order, as NF4Tensor or dense arrays; norms are float32.
 """
@@ -28,7 +29,8 @@ LINEARS = {
     "mlp": ("gate_proj", "up_proj", "gate_up_proj", "down_proj"),
 }
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
-QK_NORMS = ("q_norm", "k_norm")  # inside self_attn, with qk_norm (Qwen3)
+QK_NORMS = ("q_norm", "k_norm")  # inside self_attn, with qk_norm (Qwen3, Gemma 3)
+SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # with sandwich_norms (Gemma)
 QUANTIZATIONS = ("nf4", "fp4", None)
 
 
@@ -86,7 +88,8 @@ def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:
 
 def layer_norms(cfg: LlamaConfig) -> dict[tuple[str, ...], int]:
     """Every per-layer RMSNorm weight, keyed by its module path in a layer, with its size."""
-    norms = {(name,): cfg.hidden_size for name in LAYER_NORMS}
+    names = LAYER_NORMS + (SANDWICH_NORMS if cfg.sandwich_norms else ())
+    norms = {(name,): cfg.hidden_size for name in names}
     if cfg.qk_norm:
         norms |= {("self_attn", name): cfg.head_dim for name in QK_NORMS}
     return norms
@@ -246,9 +249,10 @@ def random_init(
         k_embed, k_head, k_layers = jax.random.split(key, 3)
         embed = _random_table(k_embed, (cfg.vocab_size, cfg.hidden_size), dtype, std)
         layers: dict[str, Any] = {}
+        identity = 0.0 if cfg.unit_offset_norms else 1.0  # the norm weight that scales by 1
         for (*groups, name), size in layer_norms(cfg).items():
             node = layers.setdefault(groups[0], {}) if groups else layers
-            node[name] = {"weight": jnp.ones((cfg.num_layers, size), jnp.float32)}
+            node[name] = {"weight": jnp.full((cfg.num_layers, size), identity, jnp.float32)}
         for key_i, ((group, name), shape) in zip(
             jax.random.split(k_layers, len(shapes)), shapes.items(), strict=True
         ):
@@ -259,7 +263,7 @@ def random_init(
         frozen = {
             "embed_tokens": {"weight": embed},
             "layers": layers,
-            "norm": {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)},
+            "norm": {"weight": jnp.full((cfg.hidden_size,), identity, jnp.float32)},
         }
         if not cfg.tie_word_embeddings:
             head = _random_table(k_head, (cfg.vocab_size, cfg.hidden_size), dtype, std)

@@ -103,12 +103,13 @@ def test_our_quantization_written_as_bnb4bit_dequantizes_in_bitsandbytes_to_our_
 
 @pytest.mark.parametrize(
     "family, quant_type, double_quant",
-    [("qwen2", "nf4", True), ("qwen3", "fp4", False), ("phi3", "nf4", True)],
+    [("qwen2", "nf4", True), ("qwen3", "fp4", False), ("phi3", "nf4", True), ("gemma3", "nf4", False)],
 )
 def test_other_families_and_formats_load_and_write_back_their_bnb4bit_checkpoints(
     family, quant_type, double_quant, tmp_path
 ):
-    """Qwen2's q/k/v biases and Qwen3's q/k norms stay 16-bit beside the 4-bit linears, Phi-3's fused
+    """Qwen2's q/k/v biases, Qwen3's q/k norms and Gemma 3's four norms a layer and q/k norms (Gemma
+    2's tensors are the same less the q/k norms) stay 16-bit beside the 4-bit linears, Phi-3's fused
     qkv_proj / gate_up_proj are one 4-bit tensor each, FP4 and single quantization as well as NF4 +
     double quantization: logits as transformers' 4-bit model (rel 1e-4, float32 over the same
     weights) and every tensor written back byte for byte."""

@@ -38,6 +38,18 @@ PHI3_LONGROPE = RopeScaling(
     attention_factor=float(np.sqrt(1 + np.log(8.0) / np.log(16))),
 )
 
+GEMMA = dict(
+    sandwich_norms=True,
+    unit_offset_norms=True,
+    scale_embeddings=True,
+    hidden_act="gelu_pytorch_tanh",
+    head_dim=64,
+    query_pre_attn_scalar=48,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=4,
+)
 # What sets each family apart, on small_config's shape; Qwen3's head_dim (64) differs from
 # hidden / heads (32) as in Qwen3's own configs, so a decoder that derived it would fail.
 # Phi-3: fused projections, half of each head turned by RoPE (Phi-4-mini: 3/4), LongRoPE, and a
@@ -53,6 +65,21 @@ FAMILIES = {
         rope_scaling=PHI3_LONGROPE,
         max_position_embeddings=128,
         sliding_window=8,
+    ),
+    # Gemma: query_pre_attn_scalar 48 is neither head_dim (64) nor hidden / heads (32); a window of
+    # 4 keys on the first layer (the second global) bites in every test sequence; the soft-caps
+    # are small enough to bend the random model's scores and logits (their scale ~0.5)
+    "gemma2": dict(
+        GEMMA,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0,
+    ),
+    "gemma3": dict(
+        GEMMA,
+        qk_norm=True,
+        rope_theta=1e6,
+        rope_scaling=RopeScaling("linear", 8.0),
+        rope_local_theta=1e4,
     ),
 }
 

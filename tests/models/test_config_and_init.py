@@ -35,6 +35,8 @@ def test_published_sizes():
     assert round(PRESETS["qwen2.5-7b"].num_params / 1e9, 2) == 7.62  # model card: 7.61B (7.615...)
     assert round(PRESETS["qwen3-8b"].num_params / 1e9, 2) == 8.19  # model card: 8.2B
     assert round(PRESETS["phi-3-mini"].num_params / 1e9, 2) == 3.82  # model card: 3.8B
+    assert round(PRESETS["gemma-2-9b"].num_params / 1e9, 2) == 9.24  # model card: 9.24B
+    assert round(PRESETS["gemma-3-12b"].num_params / 1e9, 2) == 11.77  # 12.2B less the 0.42B vision tower
 
 
 def test_random_init_quantizes_every_layer_and_runs():
@@ -64,7 +66,8 @@ def test_random_init_dense_and_untied_head():
         (lambda: small_config(remat_policy="some"), "remat_policy 'some'"),
         (
             lambda: from_hf_config({"model_type": "gemma"}),
-            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, phi3$",
+            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, phi3, gemma2, "
+            "gemma3_text, gemma3$",
         ),
         (lambda: small_config(qkv_bias=True, qk_norm=True), "qkv_bias with qk_norm matches no"),
         (lambda: small_config(fused_gate_up=True), "need fused_qkv=True and fused_gate_up=True"),
@@ -128,6 +131,37 @@ def test_phi3_config_json_fields_as_transformers_reads_them():
         from_hf_config(mini_4k).rope_scaling.rope_type == "default"
         and from_hf_config(mini_4k).rotary_dim == 32
     )
+
+
+def test_gemma_config_json_fields_as_transformers_reads_them():
+    # a multimodal gemma3 config.json as published: 4.x rope keys, a text_config of a few keys
+    # (the rest Gemma3TextConfig's defaults), the sliding pattern as an int, eos at the top level
+    published = {
+        "model_type": "gemma3",
+        "eos_token_id": [1, 106],
+        "text_config": {
+            "model_type": "gemma3_text",
+            "hidden_size": 3840,
+            "intermediate_size": 15360,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+            "sliding_window_pattern": 6,
+        },
+    }
+    assert from_hf_config(published) == PRESETS["gemma-3-12b"].replace(text_of_multimodal=True)
+    gemma2 = to_hf_config(family_config("gemma2"))
+    assert from_hf_config(gemma2, dtype="float32") == family_config("gemma2")
+    del gemma2["layer_types"], gemma2["final_logit_softcapping"]  # Gemma2Config's defaults
+    defaults = from_hf_config(gemma2 | {"num_hidden_layers": 4})
+    assert defaults.layer_types == ("sliding_attention", "full_attention") * 2
+    assert defaults.final_logit_softcapping == 30.0
+    with pytest.raises(ValueError, match="^model_type 'gemma2' with use_bidirectional_attention=true"):
+        from_hf_config(gemma2 | {"use_bidirectional_attention": True})
+    with pytest.raises(ValueError, match="^layer_types, rope_local_theta without sandwich_norms"):
+        small_config(layer_types=("full_attention",) * 2, rope_local_theta=1e4)
 
 
 def test_checkpoint_with_wrong_shape_names_the_tensor(tmp_path):

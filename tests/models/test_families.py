@@ -1,12 +1,14 @@
-"""Qwen2, Qwen3 and Phi-3 against transformers and peft on small random models of each family (fp32, CPU):
-loading (safetensors and GGUF), logits with padding and packing, greedy generation, PEFT adapters
-both ways, merged export, sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io)
-cover the rest.
+"""Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 against transformers and peft on small random models of
+each family (fp32, CPU): loading (safetensors, GGUF, Gemma 3's multimodal checkpoint), logits with
+padding and packing, greedy generation, PEFT adapters both ways, merged export, sharding and random
+init. LLaMA's own tests (test_llama_*.py, tests/io) cover the rest.
 
 Tolerance 1e-4 relative to the largest logit: both sides compute in float32 with different
 summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, or a wrong head_dim, moves
-logits by 1e-2 or more. Phi-3's RoPE tables (partial rotary, LongRoPE's short and long factors
-and attention factor) against transformers' own: 1e-6 relative, float32 cos/sin of the same angles.
+logits by 1e-2 or more, as does any Gemma difference (a soft-cap left out, the attention scale
+taken from head_dim, a window on the wrong layer, Gemma 3's local RoPE base: 3e-2 to 1). Phi-3's
+RoPE tables (partial rotary, LongRoPE's short and long factors and attention factor) against
+transformers' own: 1e-6 relative, float32 cos/sin of the same angles.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_er
 from tests.peft_reference import randomize_b
 
 TOL = 1e-4
-FAMILIES = ("qwen2", "qwen3", "phi3")
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 # bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
 
@@ -78,9 +80,15 @@ def test_config_and_frozen_tree_carry_the_family(family):
     name, ref, path, model, frozen = family
     cfg = model.config
     with open(f"{path}/config.json") as f:
-        assert json.load(f)["model_type"] == name == cfg.model_type
+        assert json.load(f)["model_type"] == family_config(name).model_type == cfg.model_type
     attn, ref_attn = frozen["layers"]["self_attn"], ref.model.layers[1].self_attn
-    if name == "qwen2":  # biases on q/k/v, read from the file; none on o_proj
+    if name.startswith("gemma"):  # four norms per layer, weights as stored (the decoder adds 1)
+        for norm in ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            stored = getattr(ref.model.layers[1], norm).weight.detach()
+            np.testing.assert_array_equal(frozen["layers"][norm]["weight"][1], stored)
+        assert cfg.layer_types == ("sliding_attention", "full_attention") and cfg.tie_word_embeddings
+        assert cfg.qk_norm == (name == "gemma3") and "lm_head" not in frozen
+    elif name == "qwen2":  # biases on q/k/v, read from the file; none on o_proj
         assert cfg.qkv_bias and not cfg.attention_bias and cfg.tie_word_embeddings
         assert "bias" not in attn["o_proj"]
         np.testing.assert_array_equal(attn["k_proj"]["bias"][1], ref_attn.k_proj.bias.detach())
@@ -162,21 +170,23 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
     name, _, _, model, frozen = family
     hf_export.save_merged(str(tmp_path / "merged"), model.config, frozen, adapted, dtype="float32")
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
-    assert merged.config.model_type == name
+    assert merged.config.model_type == model.config.model_type
     tokens = _tokens(2, 10)
     ours = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
     assert rel_err(ours, hf_logits(merged.eval(), tokens)) < TOL
 
 
+GGUF_ARCHS = {"qwen2": "QWEN2", "qwen3": "QWEN3", "phi3": "PHI3", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
+
+
 def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
-    """ref's float32 weights as llama.cpp's converter writes a Qwen or Phi-3 GGUF: its metadata keys,
-    gguf's own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only;
-    Phi-3's fused attn_qkv and ffn_up keep HF's q|k|v and gate|up rows)."""
+    """ref's float32 weights as llama.cpp's converter writes a Qwen, Phi-3 or Gemma GGUF: its
+    metadata keys, gguf's own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k
+    of LLaMA only; Phi-3's fused attn_qkv and ffn_up keep HF's q|k|v and gate|up rows), Gemma's
+    norm weights stored as (1 + weight)."""
     import gguf
 
-    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}[
-        cfg.model_type
-    ]
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHS[cfg.model_type])
     names = gguf.get_tensor_name_map(arch, cfg.num_layers)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_block_count(cfg.num_layers)
@@ -198,9 +208,19 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
         writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.sandwich_norms:  # the per-layer pattern: 2 layers do not fit llama.cpp's fixed 1-in-6
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in cfg.layer_types])
+    if cfg.attn_logit_softcapping is not None:
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if cfg.rope_scaling.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
     for name, tensor in ref.state_dict().items():
         if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
-            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
+            values = tensor.numpy() + (1 if cfg.unit_offset_norms and name.endswith("norm.weight") else 0)
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -212,7 +232,9 @@ def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
     # the GGUF holds the same float32 values: the same config and a bit-equal frozen tree give the
     # logits already shown equal to transformers', with no forward. GGUF carries no token ids here
     # and stores eps and LongRoPE's attention factor as float32 (1e-6 reads back as 9.99999997e-7:
-    # 3e-15 in the norm's denominator)
+    # 3e-15 in the norm's denominator). Gemma: llama.cpp has no query_pre_attn_scalar (it scales by
+    # head_dim below 27B), and its (1 + weight) norms come back within float32 rounding of numbers
+    # near 2 (1.2e-7)
     _, ref, _, model, frozen = family
     path = _write_gguf(str(tmp_path / "model.gguf"), ref, model.config)
     from_gguf, frozen_gguf = llama.from_pretrained(path, quantization=None, dtype="float32")
@@ -221,14 +243,23 @@ def test_gguf_of_the_family_loads_the_same_model(family, tmp_path):
     assert rope.attention_factor == pytest.approx(model.config.rope_scaling.attention_factor, rel=1e-7)
     rope = dataclasses.replace(model.config.rope_scaling, attention_factor=rope.attention_factor)
     want = model.config.replace(bos_token_id=None, eos_token_ids=(), rms_norm_eps=eps, rope_scaling=rope)
+    if want.sandwich_norms:
+        want = want.replace(query_pre_attn_scalar=want.head_dim)
     assert from_gguf.config == want
-    jax.tree.map(np.testing.assert_array_equal, frozen_gguf, frozen)
+    paths = jax.tree_util.tree_flatten_with_path(frozen)[0]
+    for (path_, ours), theirs in zip(paths, jax.tree.leaves(frozen_gguf), strict=True):
+        is_norm = "norm" in jax.tree_util.keystr(path_)
+        np.testing.assert_allclose(
+            theirs, ours, rtol=0, atol=1.2e-7 if want.unit_offset_norms and is_norm else 0
+        )
 
 
 def test_sharded_forward_equals_one_device(family, adapted):
     # tensor x fsdp split of weight rows (the q/k norms replicated): only the order of float32
     # sums changes, so logits agree to float32 rounding (1e-5)
-    _, _, _, model, frozen = family
+    name, _, _, model, frozen = family
+    if name == "gemma2":
+        pytest.skip("Gemma 2's tree is Gemma 3's less the q/k norms: one Gemma's compile is enough")
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     tokens = _tokens(2, 10)
     want = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
@@ -238,7 +269,7 @@ def test_sharded_forward_equals_one_device(family, adapted):
     assert rel_err(np.asarray(got), want) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "phi-3-mini"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "phi-3-mini", "gemma-3-12b"])
 def test_random_init_builds_the_preset_family_at_full_size(name):
     # traced, not run (jax.eval_shape): the real 7B/8B tree and forward, no memory and no compile
     model = llama.Llama(preset(name, dtype="bfloat16"))
@@ -253,7 +284,38 @@ def test_random_init_builds_the_preset_family_at_full_size(name):
         assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
     if name == "qwen2.5-7b":
         assert attn["v_proj"]["bias"].shape == (28, 512) and "bias" not in attn["o_proj"]
+    elif name == "gemma-3-12b":  # head_dim 256 (hidden / heads: 240), four norms a layer
+        norm = frozen["layers"]["post_feedforward_layernorm"]["weight"]
+        assert norm.shape == (48, 3840) and attn["q_norm"]["weight"].shape == (48, 256)
     elif name == "qwen3-8b":
         assert attn["q_norm"]["weight"].shape == (36, 128) and "bias" not in attn["q_proj"]
     logits = jax.eval_shape(lambda fr: model.apply(fr, None, np.zeros((1, 8), np.int32)), frozen)
     assert logits.shape == (1, 8, cfg.vocab_size)
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(family, adapted, tmp_path):
+    # Gemma3ForConditionalGeneration saves the text decoder under language_model.model.*, beside a
+    # vision tower; its text_config lists the decoder. Loaded, it is the gemma3_text model itself;
+    # our adapter of it loads in peft on the multimodal model (keys under model.language_model.,
+    # no LoRA on the vision tower) with our logits, and back into ours unchanged
+    name, ref, _, model, frozen = family
+    if name != "gemma3":
+        pytest.skip("the multimodal checkpoint is Gemma 3's")
+    text = ref.config.to_dict()
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28
+    )
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision | {"patch_size": 14})
+    multimodal = transformers.Gemma3ForConditionalGeneration(config)
+    multimodal.model.language_model.load_state_dict(ref.model.state_dict())
+    path = save(multimodal, tmp_path / "multimodal")
+    loaded, loaded_frozen = llama.from_pretrained(path, quantization=None, dtype="float32")
+    assert loaded.config == model.config.replace(text_of_multimodal=True)
+    jax.tree.map(np.testing.assert_array_equal, loaded_frozen, frozen)
+    peft_io.save_adapter(str(tmp_path / "adapter"), adapted, LORA, loaded.config)
+    theirs = peft.PeftModel.from_pretrained(multimodal.eval(), str(tmp_path / "adapter")).eval()
+    assert not any("vision" in n and "lora_A" in n for n, _ in theirs.named_modules())
+    tokens = _tokens(2, 10)
+    assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(theirs, tokens)) < TOL
+    back, _ = peft_io.load_adapter(str(tmp_path / "adapter"), loaded_frozen, loaded.config)
+    jax.tree.map(np.testing.assert_array_equal, back, adapted)
