@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.frozen import has_bias, linear_shapes
+from qlora_jax.models.frozen import has_bias, hf_name, linear_shapes, tree_name
 from qlora_jax.models.linear import dense_weight
 from qlora_jax.quant.nf4 import NF4Tensor
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian")
 ALL_LINEAR = "all-linear"
-_LAYER_INDEX = re.compile(r".*\.layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")  # peft's default: the number after any "<name>."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +89,16 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
 
 
 def module_names(cfg: LlamaConfig) -> list[str]:
-    """Every linear module of the model under the names peft sees in its *ForCausalLM (all families
-    name them alike; Qwen3's q_norm/k_norm are not linear, so "all-linear" leaves them out as peft does)."""
-    names = [f"model.layers.{i}.{g}.{n}" for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
+    """Every linear module of the model under the names peft sees in its *ForCausalLM (GPT-2's
+    transformer.h.N.attn.c_attn, ...; Qwen3's q_norm/k_norm are not linear, so "all-linear" leaves
+    them out as peft does)."""
+    names = [module_name(cfg, i, g, n) for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
     return names + ["lm_head"]
+
+
+def module_name(cfg: LlamaConfig, layer: int, group: str, proj: str) -> str:
+    """peft's (the family's HF) name of the tree's module layers/group/proj of one layer."""
+    return hf_name(cfg.model_type, f"model.layers.{layer}.{group}.{proj}")
 
 
 def _is_target(cfg: LoraConfig, name: str) -> bool:
@@ -111,6 +117,11 @@ def _is_target(cfg: LoraConfig, name: str) -> bool:
 
 def targeted_modules(model_cfg: LlamaConfig, cfg: LoraConfig) -> list[str]:
     """Names of the modules that get adapters; errors name the modules that exist."""
+    if cfg.bias == "all" and model_cfg.norm_type == "layernorm":
+        raise ValueError(
+            f"bias='all' on a {model_cfg.model_type} model trains its LayerNorm biases too (as peft does), "
+            "which is not supported; valid here: bias='none' or 'lora_only'"
+        )
     names = module_names(model_cfg)
     matched = [n for n in names if _is_target(cfg, n)]
     if not matched:
@@ -127,8 +138,9 @@ def targeted_modules(model_cfg: LlamaConfig, cfg: LoraConfig) -> list[str]:
     return matched
 
 
-def _split_name(name: str) -> tuple[int, str, str]:
-    _, _, layer, group, proj = name.split(".")
+def split_module_name(cfg: LlamaConfig, name: str) -> tuple[int, str, str]:
+    """(layer, group, proj) in the tree of a module name from module_names."""
+    _, _, layer, group, proj = tree_name(cfg.model_type, name).split(".")
     return int(layer), group, proj
 
 
@@ -142,7 +154,7 @@ def init_lora(rng: jax.Array, frozen: Any, model_cfg: LlamaConfig, cfg: LoraConf
     shapes = linear_shapes(model_cfg)
     by_proj: dict[tuple[str, str], list[str]] = {}
     for name in targets:
-        _, group, proj = _split_name(name)
+        _, group, proj = split_module_name(model_cfg, name)
         by_proj.setdefault((group, proj), []).append(name)
     num_layers = model_cfg.num_layers
     tree: dict[str, Any] = {}
@@ -153,7 +165,7 @@ def init_lora(rng: jax.Array, frozen: Any, model_cfg: LlamaConfig, cfg: LoraConf
         b = np.zeros((num_layers, r_max, out_dim), np.float32)
         scale = np.zeros((num_layers,), np.float32)
         for name in names:
-            layer = _split_name(name)[0]
+            layer = split_module_name(model_cfg, name)[0]
             rank = cfg.rank_for(name)
             key = jax.random.fold_in(rng, zlib.crc32(name.encode()))
             if cfg.init == "gaussian":  # peft: normal(std=1/r) on A
@@ -198,13 +210,13 @@ def count_parameters(model_cfg: LlamaConfig, cfg: LoraConfig) -> tuple[int, int]
     targets = targeted_modules(model_cfg, cfg)
     adapters = 0
     for name in targets:
-        out_dim, in_dim = shapes[_split_name(name)[1:]]
+        out_dim, in_dim = shapes[split_module_name(model_cfg, name)[1:]]
         adapters += cfg.rank_for(name) * (in_dim + out_dim)
     biases = 0
     if cfg.bias != "none":
         candidates = targets if cfg.bias == "lora_only" else module_names(model_cfg)[:-1]
-        biased = [n for n in candidates if has_bias(model_cfg, *_split_name(n)[1:])]
-        biases = sum(shapes[_split_name(n)[1:]][0] for n in biased)
+        projs = [split_module_name(model_cfg, n)[1:] for n in candidates]
+        biases = sum(shapes[p][0] for p in projs if has_bias(model_cfg, *p))
     return adapters + biases, model_cfg.num_params + adapters
 
 

@@ -33,9 +33,9 @@ ROWS = ("fsdp", "tensor")  # weight rows (output features) are split over both
 
 # Frozen base, logical dims of one layer's tensor: (out, in) weights, (out,) biases, (V, D) tables.
 FROZEN_RULES: tuple[tuple[str, P], ...] = (
-    (r"_proj/weight$", P(ROWS, None)),
-    (r"_proj/bias$", P(ROWS)),
-    (r"^(embed_tokens|lm_head)/weight$", P(ROWS, None)),
+    (r"(_proj|/c_attn|/c_fc)/weight$", P(ROWS, None)),  # c_attn, c_fc, c_proj: GPT-2's
+    (r"(_proj|/c_attn|/c_fc)/bias$", P(ROWS)),
+    (r"^(embed_tokens|embed_positions|lm_head)/weight$", P(ROWS, None)),
     (r".*", P()),  # norms
 )
 # LoRA: a (in, r) split on in over fsdp, b (r, out) on out like the frozen rows it adds to.

@@ -15,8 +15,9 @@ import numpy as np
 
 from qlora_jax.io import bnb4bit
 from qlora_jax.io import gguf as gguf_io
-from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
-from qlora_jax.models.frozen import Quantization, build_frozen
+from qlora_jax.models.config import GPT2_FIELDS, LlamaConfig, RopeScaling, from_hf_config
+from qlora_jax.models.frozen import Quantization, build_frozen, hf_name, is_conv1d, linear_shapes
+from qlora_jax.quant.nf4 import NF4Tensor
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -30,8 +31,12 @@ GGUF_NAMES = {
     "post_attention_layernorm": "ffn_norm",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    "self_attn.c_attn": "attn_qkv",  # GPT-2's
+    "self_attn.c_proj": "attn_output",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama.cpp's general.architecture values we read
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")  # llama.cpp's general.architecture values we read
 
 
 def is_gguf(path: str) -> bool:
@@ -107,10 +112,9 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
         return files[file].read(name)
 
     bits = bnb4bit.stored_bits(hf_json, os.path.join(path, "config.json"))
-    if bits is None:
-        return cfg, read_stored
     if bits == 8:
-        first = "model.layers.0.self_attn.q_proj.weight"
+        group, linear = next(iter(linear_shapes(cfg)))
+        first = hf_name(cfg.model_type, f"model.layers.0.{group}.{linear}.weight")
         raise ValueError(
             f"{os.path.join(path, weight_map.get(first, 'model.safetensors'))}: {first} is an 8-bit "
             "(LLM.int8, load_in_8bit) weight; 8-bit checkpoints are not supported: use a 4-bit "
@@ -122,7 +126,13 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
             return bnb4bit.read_linear(name, weight_map, read_stored, os.path.join(path, weight_map[name]))
         return read_stored(name)
 
-    return cfg, read
+    def read_tree_name(name: str) -> Any:
+        """The tensor of tree name `name` under the family's HF name; a Conv1D weight transposed to
+        (out, in) unless stored 4-bit (bitsandbytes quantizes Conv1D weights transposed already)."""
+        tensor = (read if bits else read_stored)(hf_name(cfg.model_type, name))
+        return tensor.T if is_conv1d(cfg.model_type, name) and not isinstance(tensor, NF4Tensor) else tensor
+
+    return cfg, read_tree_name
 
 
 # --- GGUF files ---------------------------------------------------------------------------------
@@ -163,6 +173,8 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
         raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported; valid: none, linear")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     head_dim = meta("attention.key_length")
+    is_gpt2 = arch == "gpt2"  # llama.cpp's GPT-2: LayerNorm eps, ggml_gelu (tanh approximation)
+    eps_key = "attention.layer_norm_epsilon" if is_gpt2 else "attention.layer_norm_rms_epsilon"
     return LlamaConfig(
         vocab_size=int(embed.shape[-1]),
         hidden_size=int(meta("embedding_length")),
@@ -171,18 +183,27 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
         num_heads=num_heads,
         num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
         head_dim=None if head_dim is None else int(head_dim),
-        rms_norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
+        rms_norm_eps=float(np.float32(meta(eps_key))),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         max_position_embeddings=int(meta("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
+        tie_word_embeddings="output.weight" not in names or (is_gpt2 and _head_copies_embedding(reader)),
         qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3",
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        **(dict(GPT2_FIELDS, hidden_act="gelu_new") if is_gpt2 else {}),
         **runtime,
     )
+
+
+def _head_copies_embedding(reader: Any) -> bool:
+    """llama.cpp's GPT-2 converter writes the tied head as output.weight, a byte copy of
+    token_embd.weight: such a file is a tied model."""
+    tensors = {t.name: t for t in reader.tensors}
+    head, embed = tensors["output.weight"], tensors["token_embd.weight"]
+    return head.tensor_type == embed.tensor_type and np.array_equal(head.data, embed.data)
 
 
 def unpermute_qk(w_OxI: np.ndarray, heads: int) -> np.ndarray:
@@ -196,8 +217,10 @@ def unpermute_qk(w_OxI: np.ndarray, heads: int) -> np.ndarray:
 def _gguf_name(name: str) -> str:
     if name == "model.embed_tokens.weight":
         return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
+    if name.startswith("model.norm."):
+        return f"output_norm.{name.rsplit('.', 1)[1]}"
+    if name == "model.embed_positions.weight":
+        return "position_embd.weight"
     if name == "lm_head.weight":
         return "output.weight"
     _, _, layer, rest = name.split(".", 3)

@@ -1,8 +1,9 @@
 """LlamaConfig: the architecture of a LLaMA-style decoder and how to run it, read from HF or GGUF.
 
 One config covers every supported family (MODEL_TYPES): a family is a set of field values
-(Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window), which the decoder reads; nothing
-branches on the family's name except the HF config reader and writer here.
+(Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window, GPT-2: GPT2_FIELDS), which the decoder
+reads; nothing branches on the family's name except the HF config reader and writer here and
+the HF tensor names (models/frozen.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,20 @@ from collections.abc import Mapping
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # transformers' model_type values we load
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")  # transformers' model_type values we load
+NORM_TYPES = ("rmsnorm", "layernorm")
+POSITION_EMBEDDINGS = ("rope", "learned")
+HIDDEN_ACTS = ("silu", "gelu_new", "gelu")  # transformers' names; gelu_new is GELU's tanh approximation
+# GPT-2's architecture: LayerNorm with bias, a learned position table, a non-gated GELU MLP and one
+# fused q|k|v projection, biases on every projection (its hidden_act comes from its config).
+GPT2_FIELDS = dict(
+    norm_type="layernorm",
+    position_embedding="learned",
+    gated_mlp=False,
+    fused_qkv=True,
+    attention_bias=True,
+    mlp_bias=True,
+)
 # A family's own field and the fields no HF class of that family has (Qwen2, Qwen3).
 FAMILY_CLASHES = {
     "qkv_bias": ("qk_norm", "attention_bias", "mlp_bias", "sliding_window"),
@@ -57,7 +71,7 @@ class LlamaConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int | None = None  # default hidden_size // num_heads
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # every norm's epsilon (GPT-2: layer_norm_epsilon)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 4096
@@ -67,6 +81,13 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2: biases on q/k/v only, none on o
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's features of q and k, before RoPE
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
+    norm_type: str = "rmsnorm"  # "layernorm": LayerNorm with a bias (GPT-2)
+    position_embedding: str = (
+        "rope"  # "learned": a (max_position_embeddings, hidden) table added to the tokens
+    )
+    hidden_act: str = "silu"  # the MLP's activation (HIDDEN_ACTS)
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (GPT-2's c_fc, c_proj)
+    fused_qkv: bool = False  # one projection whose output features are q, then k, then v
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -93,6 +114,14 @@ class LlamaConfig:
             raise ValueError(f"dequant_slices {self.dequant_slices} must be >= 1 (1: whole weights)")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
+        for field, value, valid in (
+            ("norm_type", self.norm_type, NORM_TYPES),
+            ("position_embedding", self.position_embedding, POSITION_EMBEDDINGS),
+            ("hidden_act", self.hidden_act, HIDDEN_ACTS),
+        ):
+            if value not in valid:
+                raise ValueError(f"{field} {value!r} is not supported; valid: {valid}")
+        self._check_gpt2_fields()
         fields_on = {
             "qkv_bias": self.qkv_bias,
             "qk_norm": self.qk_norm,
@@ -105,9 +134,28 @@ class LlamaConfig:
             if fields_on[field] and clash:
                 raise ValueError(f"{field} with {', '.join(clash)} matches no supported family {MODEL_TYPES}")
 
+    def _check_gpt2_fields(self) -> None:
+        """GPT-2's fields come as a set (no other supported family has any of them)."""
+        gpt2_on = (self.norm_type == "layernorm", self.position_embedding == "learned", not self.gated_mlp)
+        if not any(gpt2_on):
+            return
+        wrong = [f"{k}={getattr(self, k)!r}" for k, v in GPT2_FIELDS.items() if getattr(self, k) != v]
+        wrong += [f"{k}=True" for k in ("qkv_bias", "qk_norm") if getattr(self, k)]
+        if self.sliding_window is not None:
+            wrong.append(f"sliding_window={self.sliding_window}")
+        if self.num_kv_heads != self.num_heads or self.head_dim * self.num_heads != self.hidden_size:
+            wrong.append(f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}")
+        if wrong:
+            raise ValueError(
+                f"GPT-2's fields {GPT2_FIELDS} (num_kv_heads = num_heads, head_dim = hidden / heads) come "
+                f"together and without other families' fields; got {', '.join(wrong)}"
+            )
+
     @property
     def model_type(self) -> str:
         """The transformers family whose architecture these fields describe (for export)."""
+        if self.position_embedding == "learned":
+            return "gpt2"
         if self.qk_norm:
             return "qwen3"
         if self.qkv_bias:
@@ -121,14 +169,17 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Parameters of the base model (embeddings, linears, norms, untied head)."""
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        mlp_linears = 3 if self.gated_mlp else 2
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         qkv_bias = h * (self.num_heads + 2 * self.num_kv_heads)
         bias = (qkv_bias + d) if self.attention_bias else qkv_bias if self.qkv_bias else 0
-        bias += (2 * f + d) if self.mlp_bias else 0
+        bias += ((mlp_linears - 1) * f + d) if self.mlp_bias else 0
         qk_norms = 2 * h if self.qk_norm else 0
-        layer = attn + 3 * d * f + 2 * d + bias + qk_norms
+        norm = 2 * d if self.norm_type == "layernorm" else d  # weight (and bias) of one norm
+        layer = attn + mlp_linears * d * f + 2 * norm + bias + qk_norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        positions = self.max_position_embeddings * d if self.position_embedding == "learned" else 0
+        return self.vocab_size * d + positions + self.num_layers * layer + norm + head
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling]:
@@ -172,6 +223,8 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     model_type = hf.get("model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)}")
+    if model_type == "gpt2":
+        return _from_gpt2_config(hf, runtime)
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
@@ -210,6 +263,67 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     )
 
 
+# GPT2Config's attention variants: only transformers' defaults are supported (key: default value).
+GPT2_ATTENTION_DEFAULTS = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+def _from_gpt2_config(hf: Mapping[str, Any], runtime: dict[str, Any]) -> LlamaConfig:
+    """A GPT-2 `config.json` (GPT2Config's n_embd, n_layer, ... keys) as a LlamaConfig."""
+    for key, default in GPT2_ATTENTION_DEFAULTS.items():
+        if hf.get(key, default) != default:
+            raise ValueError(
+                f"gpt2 {key}={hf[key]!r} is not supported; valid: {default} (transformers' default)"
+            )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in HIDDEN_ACTS[1:]:
+        raise ValueError(f"gpt2 activation_function {act!r} is not supported; valid: {HIDDEN_ACTS[1:]}")
+    hidden, heads = int(hf["n_embd"]), int(hf["n_head"])
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf.get("n_inner") or 4 * hidden),
+        num_layers=int(hf["n_layer"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        max_position_embeddings=int(hf.get("n_positions", 1024)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        hidden_act=act,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_token_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+        **GPT2_FIELDS,
+        **runtime,
+    )
+
+
+def _to_gpt2_config(cfg: LlamaConfig) -> dict[str, Any]:
+    """GPT2Config's own keys for a GPT-2 LlamaConfig."""
+    eos = list(cfg.eos_token_ids)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.hidden_size,
+        "n_inner": cfg.intermediate_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_positions": cfg.max_position_embeddings,
+        "activation_function": cfg.hidden_act,
+        "layer_norm_epsilon": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        **GPT2_ATTENTION_DEFAULTS,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -230,6 +344,8 @@ def _family_fields(cfg: LlamaConfig) -> dict[str, Any]:
 
 def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
     """The transformers config dict of cfg's family (for export and PyTorch comparison)."""
+    if cfg.model_type == "gpt2":
+        return _to_gpt2_config(cfg)
     rope: dict[str, Any] = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling.rope_type != "default":
         rope["factor"] = cfg.rope_scaling.factor

@@ -1,7 +1,8 @@
 """Flax LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
 
 One decoder for every family: their differences are LlamaConfig fields read here and in the
-frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`).
+frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`;
+GPT-2's `norm_type`, `position_embedding`, `gated_mlp`, `hidden_act`, `fused_qkv`).
 
 Weights are not Flax params: the module reads them from two variable collections passed at
 apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
@@ -22,9 +23,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.models import attention
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.frozen import linear_names
 from qlora_jax.models.linear import Linear, dense_weight
 from qlora_jax.models.rope import apply_rope, cos_sin
 
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu_new": functools.partial(nn.gelu, approximate=True),  # transformers' NewGELUActivation
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
 LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input (the residual stream)
 ATTENTION_RESIDUALS = "attention_residuals"  # what attention's backward needs besides q, k, v
 MATMUL_OPERANDS = "matmul_operands"  # normed inputs, q/k/v, gate/up and the MLP product
@@ -75,10 +82,11 @@ class KVCache(NamedTuple):
 
 
 class LayerContext(NamedTuple):
-    """What every layer shares: RoPE tables, the attention mask (None: causal) and cache slot."""
+    """What every layer shares: RoPE tables (None: no RoPE), the attention mask (None: causal)
+    and cache slot."""
 
-    cos: jax.Array
-    sin: jax.Array
+    cos: jax.Array | None
+    sin: jax.Array | None
     mask: jax.Array | None
     write_index: jax.Array | None
 
@@ -146,6 +154,44 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * weight.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+    """torch's LayerNorm (GPT-2): normalize, scale and shift in float32, cast back. A bias in the
+    adapter tree (peft's bias="all" trains it) replaces the frozen one."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.get_variable("frozen", "weight")
+        bias = self.get_variable("lora", "bias")
+        if bias is None:
+            bias = self.get_variable("frozen", "bias")
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def norm(cfg: LlamaConfig, name: str) -> nn.Module:
+    """The decoder's norm module of cfg.norm_type (RMSNorm or LayerNorm)."""
+    kind = LayerNorm if cfg.norm_type == "layernorm" else RMSNorm
+    return kind(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), name=name)
+
+
+def split_qkv(cfg: LlamaConfig, qkv_BxTxF: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q (B, T, heads, head_dim), k and v (B, T, kv_heads, head_dim) of a fused projection whose
+    features are q's, then k's, then v's."""
+    batch, length, _ = qkv_BxTxF.shape
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = jnp.split(qkv_BxTxF, [q_size, q_size + kv_size], axis=-1)
+    return (
+        q.reshape(batch, length, cfg.num_heads, cfg.head_dim),
+        k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim),
+        v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim),
+    )
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
     lora_dropout: float = 0.0
@@ -154,19 +200,22 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = x.shape
-        q = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="q_proj")(x).reshape(
-            batch, length, cfg.num_heads, cfg.head_dim
-        )
-        k = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="k_proj")(x).reshape(
-            batch, length, cfg.num_kv_heads, cfg.head_dim
-        )
-        v = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="v_proj")(x).reshape(
-            batch, length, cfg.num_kv_heads, cfg.head_dim
-        )
+        names = linear_names(cfg)
+
+        def linear(role: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, cfg.dequant_slices, name=names[role])
+
+        if cfg.fused_qkv:
+            q, k, v = split_qkv(cfg, linear("qkv")(x))
+        else:
+            q = linear("q")(x).reshape(batch, length, cfg.num_heads, cfg.head_dim)
+            k = linear("k")(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+            v = linear("v")(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:  # Qwen3: each head's q and k normalized over head_dim, before RoPE
             q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = (checkpoint_name(t, MATMUL_OPERANDS) for t in (q, k, v))
         if layer_cache is not None:
             start = (0, ctx.write_index, 0, 0)
@@ -179,30 +228,33 @@ class Attention(nn.Module):
             implementation=attention_implementation(cfg, q.dtype, ctx.mask),
         )
         out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
-        out = Linear(dtype, self.lora_dropout, cfg.dequant_slices, name="o_proj")(
-            out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
-        )
+        out = linear("o")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
         return out, layer_cache
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Called as (carry, x) -> (carry, y) so that the same
-    module (and its variable paths) can be scanned over sequence tiles (DecoderLayer)."""
+    """SwiGLU: down(act(gate(x)) * up(x)), or down(act(up(x))) without gated_mlp (GPT-2). Called
+    as (carry, x) -> (carry, y) so that the same module (and its variable paths) can be scanned
+    over sequence tiles (DecoderLayer)."""
 
     cfg: LlamaConfig
     lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
-        dtype = jnp.dtype(self.cfg.dtype)
+        dtype, names = jnp.dtype(self.cfg.dtype), linear_names(self.cfg)
+        act = ACTIVATIONS[self.cfg.hidden_act]
 
-        def linear(name: str) -> Linear:
-            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=name)
+        def linear(role: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=names[role])
 
-        gate = checkpoint_name(linear("gate_proj")(x), MATMUL_OPERANDS)
-        up = checkpoint_name(linear("up_proj")(x), MATMUL_OPERANDS)
-        product = checkpoint_name(nn.silu(gate) * up, MATMUL_OPERANDS)
-        return carry, linear("down_proj")(product)
+        up = checkpoint_name(linear("up")(x), MATMUL_OPERANDS)
+        if self.cfg.gated_mlp:
+            gate = checkpoint_name(linear("gate")(x), MATMUL_OPERANDS)
+            product = checkpoint_name(act(gate) * up, MATMUL_OPERANDS)
+        else:
+            product = checkpoint_name(act(up), MATMUL_OPERANDS)
+        return carry, linear("down")(product)
 
 
 def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:
@@ -224,12 +276,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        cfg = self.cfg
         x = checkpoint_name(x, LAYER_INPUT)
-        normed = checkpoint_name(RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), MATMUL_OPERANDS)
+        normed = checkpoint_name(norm(cfg, "input_layernorm")(x), MATMUL_OPERANDS)
         h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(normed, layer_cache, ctx)
         x = x + h
-        normed = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
+        normed = norm(cfg, "post_attention_layernorm")(x)
         normed = checkpoint_name(normed, MATMUL_OPERANDS)
         tile = cfg.seq_tile
         if not tile or x.shape[1] <= tile:
@@ -257,7 +309,12 @@ class Decoder(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embed_VxD = self.get_variable("frozen", "embed_tokens")["weight"]
         x = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(dtype)
-        cos, sin = cos_sin(cfg, positions_BxT, dtype)
+        if cfg.position_embedding == "learned":  # GPT-2: a table row per position, no RoPE
+            table_PxD = self.get_variable("frozen", "embed_positions")["weight"]
+            x = x + jnp.take(table_PxD, positions_BxT, axis=0).astype(dtype)
+            cos = sin = None
+        else:
+            cos, sin = cos_sin(cfg, positions_BxT, dtype)
         ctx = LayerContext(cos, sin, ctx_mask, write_index)
         layer = DecoderLayer
         policy = remat_policy_name(cfg.remat_policy, tokens_BxT.shape[1])
@@ -272,7 +329,7 @@ class Decoder(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.num_layers,
         )(cfg, self.lora_dropout, name="layers")
         x, cache_kv = layers(x, cache_kv, ctx)
-        return RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x), cache_kv
+        return norm(cfg, "norm")(x), cache_kv
 
 
 @dataclasses.dataclass(frozen=True)
