@@ -1,16 +1,18 @@
-"""Qwen2 and Qwen3 against transformers and peft on small random models of each family (fp32, CPU):
-loading (safetensors and GGUF), logits with padding and packing, greedy generation, PEFT adapters
-both ways, merged export, sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io)
-cover the rest.
+"""Qwen2, Qwen3 and GPT-2 against transformers and peft on small random models of each family (fp32,
+CPU): loading (safetensors and GGUF), logits with padding and packing, greedy generation, PEFT
+adapters both ways, merged export, sharding and random init. LLaMA's own tests (test_llama_*.py,
+tests/io) cover the rest.
 
 Tolerance 1e-4 relative to the largest logit: both sides compute in float32 with different
-summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, or a wrong head_dim, moves
-logits by 1e-2 or more.
+summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, a wrong head_dim, GPT-2's
+position table or LayerNorm bias left out or a Conv1D weight not transposed, moves logits by 1e-2
+or more.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -33,9 +35,11 @@ from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_er
 from tests.peft_reference import randomize_b
 
 TOL = 1e-4
-FAMILIES = ("qwen2", "qwen3")
-# bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them
+FAMILIES = ("qwen2", "qwen3", "gpt2")
+# bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them;
+# GPT-2 trains the biases of its adapted c_attn, c_proj and c_fc (bias="all" would add LayerNorm's)
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
+LORAS = {"qwen2": LORA, "qwen3": LORA, "gpt2": dataclasses.replace(LORA, bias="lora_only")}
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -54,8 +58,8 @@ def family(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapted(family):
     """An adapter of LORA with random nonzero B and biases moved off their frozen values."""
-    _, _, _, model, frozen = family
-    tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORA))
+    name, _, _, model, frozen = family
+    tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORAS[name]))
     rng = np.random.default_rng(0)
     for modules in tree["layers"].values():
         for adapter in modules.values():
@@ -70,11 +74,30 @@ def test_config_and_frozen_tree_carry_the_family(family):
     cfg = model.config
     with open(f"{path}/config.json") as f:
         assert json.load(f)["model_type"] == name == cfg.model_type
-    attn, ref_attn = frozen["layers"]["self_attn"], ref.model.layers[1].self_attn
+    attn = frozen["layers"]["self_attn"]
+    ref_attn = ref.transformer.h[1].attn if name == "gpt2" else ref.model.layers[1].self_attn
     if name == "qwen2":  # biases on q/k/v, read from the file; none on o_proj
         assert cfg.qkv_bias and not cfg.attention_bias and cfg.tie_word_embeddings
         assert "bias" not in attn["o_proj"]
         np.testing.assert_array_equal(attn["k_proj"]["bias"][1], ref_attn.k_proj.bias.detach())
+    elif name == "gpt2":  # Conv1D (in, out) stored as (out, in); q|k|v fused; LayerNorm biases; wpe
+        ref_block = ref.transformer.h[1]
+        assert (
+            ref_attn is ref_block.attn
+            and cfg.fused_qkv
+            and cfg.norm_type == "layernorm"
+            and cfg.position_embedding == "learned"
+        )
+        assert sorted(attn) == ["c_attn", "c_proj"] and sorted(frozen["layers"]["mlp"]) == ["c_fc", "c_proj"]
+        np.testing.assert_array_equal(attn["c_attn"]["weight"][1], ref_block.attn.c_attn.weight.detach().T)
+        np.testing.assert_array_equal(attn["c_attn"]["bias"][1], ref_block.attn.c_attn.bias.detach())
+        ln_2 = frozen["layers"]["post_attention_layernorm"]
+        np.testing.assert_array_equal(ln_2["bias"][1], ref_block.ln_2.bias.detach())
+        np.testing.assert_array_equal(
+            frozen["embed_positions"]["weight"], ref.transformer.wpe.weight.detach()
+        )
+        np.testing.assert_array_equal(frozen["norm"]["bias"], ref.transformer.ln_f.bias.detach())
+        assert cfg.tie_word_embeddings and "lm_head" not in frozen
     else:  # explicit head_dim 64 (hidden / heads = 32), q/k norms of that size
         assert cfg.qk_norm and cfg.head_dim == 64 and "lm_head" in frozen
         assert all("bias" not in attn[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -107,15 +130,15 @@ def test_greedy_generation_matches_transformers(family):
 
 
 def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp_path):
-    _, ref, _, model, frozen = family
+    name, ref, _, model, frozen = family
     tokens = _tokens(2, 10)
-    peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORA, model.config)
+    peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORAS[name], model.config)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "ours")).eval()
     ours_logits = np.asarray(model.apply(frozen, adapted, tokens))
     assert rel_err(ours_logits, hf_logits(theirs, tokens)) < TOL
     assert rel_err(ours_logits, hf_logits(ref, tokens)) > 1e-2  # the adapter (and biases) matter
     # an adapter peft made (random B, same keys as ours) loads into ours with peft's logits
-    made = peft.get_peft_model(copy.deepcopy(ref), peft_config(LORA))
+    made = peft.get_peft_model(copy.deepcopy(ref), peft_config(LORAS[name]))
     randomize_b(made)
     made.save_pretrained(str(tmp_path / "peft"))
     from safetensors.numpy import load_file
@@ -124,7 +147,7 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
         load_file(str(tmp_path / "ours" / peft_io.WEIGHTS_FILE))
     )
     loaded, cfg = peft_io.load_adapter(str(tmp_path / "peft"), frozen, model.config)
-    assert cfg.bias == "all"
+    assert cfg.bias == LORAS[name].bias
     assert rel_err(np.asarray(model.apply(frozen, loaded, tokens)), hf_logits(made.eval(), tokens)) < TOL
 
 
@@ -138,11 +161,14 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
 
 
 def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
-    """ref's float32 weights as llama.cpp's converter writes a Qwen GGUF: its metadata keys, gguf's
-    own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only)."""
+    """ref's float32 weights as llama.cpp's converter writes a Qwen or GPT-2 GGUF: its metadata keys,
+    gguf's own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k of LLaMA only);
+    GPT-2's Conv1D weights transposed to (out, in) and its tied head written out as output.weight."""
     import gguf
 
-    arch = gguf.MODEL_ARCH.QWEN2 if cfg.model_type == "qwen2" else gguf.MODEL_ARCH.QWEN3
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "gpt2": gguf.MODEL_ARCH.GPT2}[
+        cfg.model_type
+    ]
     names = gguf.get_tensor_name_map(arch, cfg.num_layers)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_block_count(cfg.num_layers)
@@ -150,13 +176,18 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.model_type == "gpt2":
+        writer.add_layer_norm_eps(cfg.rms_norm_eps)
+    else:
+        writer.add_head_count_kv(cfg.num_kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     for name, tensor in ref.state_dict().items():
-        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+        if cfg.model_type == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.T.contiguous()
+        if cfg.model_type == "gpt2" or not (cfg.tie_word_embeddings and name == "lm_head.weight"):
             writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -191,17 +222,30 @@ def test_sharded_forward_equals_one_device(family, adapted):
     assert rel_err(np.asarray(got), want) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "gpt2"])
 def test_random_init_builds_the_preset_family_at_full_size(name):
-    # traced, not run (jax.eval_shape): the real 7B/8B tree and forward, no memory and no compile
+    # traced, not run (jax.eval_shape): the real 7B/8B/124M tree and forward, no memory and no compile
     model = llama.Llama(preset(name, dtype="bfloat16"))
     frozen = jax.eval_shape(lambda: llama.random_init(name, quantization="nf4", dtype="bfloat16")[1])
     cfg, attn = model.config, frozen["layers"]["self_attn"]
-    q = attn["q_proj"]["weight"]
-    assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+    if name == "gpt2":  # q|k|v fused in c_attn; LayerNorm biases; the position table; tied head
+        assert isinstance(attn["c_attn"]["weight"], nf4.NF4Tensor) and attn["c_attn"]["weight"].shape == (
+            2304,
+            768,
+        )
+        assert attn["c_attn"]["bias"].shape == (12, 2304) and frozen["layers"]["mlp"]["c_fc"][
+            "bias"
+        ].shape == (12, 3072)
+        assert frozen["embed_positions"]["weight"].shape == (1024, 768) and frozen["norm"]["bias"].shape == (
+            768,
+        )
+        assert "lm_head" not in frozen and cfg.num_params == 124_439_808  # GPT2LMHeadModel's count
+    else:
+        q = attn["q_proj"]["weight"]
+        assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
     if name == "qwen2.5-7b":
         assert attn["v_proj"]["bias"].shape == (28, 512) and "bias" not in attn["o_proj"]
-    else:
+    elif name == "qwen3-8b":
         assert attn["q_norm"]["weight"].shape == (36, 128) and "bias" not in attn["q_proj"]
     logits = jax.eval_shape(lambda fr: model.apply(fr, None, np.zeros((1, 8), np.int32)), frozen)
     assert logits.shape == (1, 8, cfg.vocab_size)
