@@ -34,6 +34,7 @@ def test_published_sizes():
     assert round(PRESETS["llama2-70b"].num_params / 1e9, 1) == 69.0
     assert round(PRESETS["qwen2.5-7b"].num_params / 1e9, 2) == 7.62  # model card: 7.61B (7.615...)
     assert round(PRESETS["qwen3-8b"].num_params / 1e9, 2) == 8.19  # model card: 8.2B
+    assert PRESETS["gpt2"].num_params == 124_439_808  # GPT2LMHeadModel of openai-community/gpt2
 
 
 def test_random_init_quantizes_every_layer_and_runs():
@@ -63,9 +64,21 @@ def test_random_init_dense_and_untied_head():
         (lambda: small_config(remat_policy="some"), "remat_policy 'some'"),
         (
             lambda: from_hf_config({"model_type": "gemma"}),
-            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3$",
+            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, gpt2$",
         ),
         (lambda: small_config(qkv_bias=True, qk_norm=True), "qkv_bias with qk_norm matches no"),
+        (
+            lambda: from_hf_config(
+                to_hf_config(family_config("gpt2")) | {"scale_attn_by_inverse_layer_idx": True}
+            ),
+            r"^gpt2 scale_attn_by_inverse_layer_idx=True is not supported; valid: False",
+        ),
+        (
+            lambda: from_hf_config(to_hf_config(family_config("gpt2")) | {"activation_function": "relu"}),
+            r"^gpt2 activation_function 'relu' is not supported; valid: \('gelu_new', 'gelu'\)$",
+        ),
+        (lambda: small_config(norm_type="layernorm"), r"^GPT-2's fields .* got position_embedding='rope'"),
+        (lambda: small_config(norm_type="batchnorm"), r"^norm_type 'batchnorm' is not supported"),
         (
             lambda: from_hf_config(to_hf_config(small_config()) | {"rope_scaling": {"rope_type": "yarn"}}),
             "yarn",
