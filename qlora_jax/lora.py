@@ -2,8 +2,10 @@
 
 The adapter tree mirrors the frozen tree's stacked layout. For each targeted projection:
   lora["layers"]["self_attn"]["q_proj"] = {"a": (L, in, r), "b": (L, r, out), "scale": (L,)}
-(+ "bias" (L, out) when biases train). `scale` is alpha/r (or alpha/sqrt(r) with rsLoRA) per
-layer: a constant carried with its adapter, never trained (`trainable_mask` excludes it). Layers
+(+ "bias" (L, out) when biases train; with bias="all" a LayerNorm's bias trains too, as in peft:
+lora["layers"]["input_layernorm"] = {"bias": (L, D)}, lora["norm"] = {"bias": (D,)}). `scale` is
+alpha/r (or alpha/sqrt(r) with rsLoRA) per layer: a constant carried with its adapter, never
+trained (`trainable_mask` excludes it). Layers
 left out by layers_to_transform, and ranks below the stack's largest (rank_pattern), are zero
 padding: A and B are zero there, so their gradients are exactly zero and they stay zero.
 """
@@ -117,11 +119,6 @@ def _is_target(cfg: LoraConfig, name: str) -> bool:
 
 def targeted_modules(model_cfg: LlamaConfig, cfg: LoraConfig) -> list[str]:
     """Names of the modules that get adapters; errors name the modules that exist."""
-    if cfg.bias == "all" and model_cfg.norm_type == "layernorm":
-        raise ValueError(
-            f"bias='all' on a {model_cfg.model_type} model trains its LayerNorm biases too (as peft does), "
-            "which is not supported; valid here: bias='none' or 'lora_only'"
-        )
     names = module_names(model_cfg)
     matched = [n for n in names if _is_target(cfg, n)]
     if not matched:
@@ -177,14 +174,21 @@ def init_lora(rng: jax.Array, frozen: Any, model_cfg: LlamaConfig, cfg: LoraConf
             scale[layer] = cfg.scale_for(name)
         tree.setdefault(group, {})[proj] = {"a": a, "b": b, "scale": scale}
     _add_trainable_biases(tree, frozen, cfg)
-    return jax.device_put({"layers": tree})
+    lora = {"layers": tree}
+    if cfg.bias == "all" and "bias" in frozen["norm"]:  # the final LayerNorm's (GPT-2's ln_f)
+        lora["norm"] = {"bias": np.asarray(frozen["norm"]["bias"], np.float32)}
+    return jax.device_put(lora)
 
 
 def _add_trainable_biases(tree: dict[str, Any], frozen: Any, cfg: LoraConfig) -> None:
+    """Linear biases (bias="all": every one; "lora_only": the targeted modules'), and with "all"
+    the per-layer LayerNorm biases, as peft marks every parameter named *.bias trainable."""
     if cfg.bias == "none":
         return
     for group, modules in frozen["layers"].items():
-        if not isinstance(modules, dict) or "weight" in modules:
+        if "weight" in modules:  # a per-layer norm
+            if cfg.bias == "all" and "bias" in modules:
+                tree[group] = {"bias": np.asarray(modules["bias"], np.float32)}
             continue
         for proj, params in modules.items():
             if "bias" not in params:
@@ -193,6 +197,31 @@ def _add_trainable_biases(tree: dict[str, Any], frozen: Any, cfg: LoraConfig) ->
                 tree.setdefault(group, {}).setdefault(proj, {})["bias"] = np.asarray(
                     params["bias"], np.float32
                 )
+
+
+def is_norm_bias(node: Any) -> bool:
+    """Whether a node of the adapter tree is a norm's trained bias ({"bias": array}), not a group of
+    adapted projections."""
+    return "bias" in node and not isinstance(node["bias"], dict)
+
+
+def trained_biases(model_cfg: LlamaConfig, lora: Any) -> list[tuple[str, tuple[str, ...], int | None]]:
+    """(peft module name, path of its node in the adapter tree, layer or None) of every trained bias."""
+    out = []
+    for group, modules in lora["layers"].items():
+        if is_norm_bias(modules):
+            for layer in range(model_cfg.num_layers):
+                out.append(
+                    (hf_name(model_cfg.model_type, f"model.layers.{layer}.{group}"), ("layers", group), layer)
+                )
+            continue
+        for proj, adapter in modules.items():
+            if "bias" in adapter:
+                for layer in range(model_cfg.num_layers):
+                    out.append((module_name(model_cfg, layer, group, proj), ("layers", group, proj), layer))
+    if "norm" in lora:
+        out.append((hf_name(model_cfg.model_type, "model.norm"), ("norm",), None))
+    return out
 
 
 def trainable_mask(lora: Any) -> Any:
@@ -217,6 +246,8 @@ def count_parameters(model_cfg: LlamaConfig, cfg: LoraConfig) -> tuple[int, int]
         candidates = targets if cfg.bias == "lora_only" else module_names(model_cfg)[:-1]
         projs = [split_module_name(model_cfg, n)[1:] for n in candidates]
         biases = sum(shapes[p][0] for p in projs if has_bias(model_cfg, *p))
+    if cfg.bias == "all" and model_cfg.norm_type == "layernorm":  # two per layer and the final one
+        biases += (2 * model_cfg.num_layers + 1) * model_cfg.hidden_size
     return adapters + biases, model_cfg.num_params + adapters
 
 
@@ -250,7 +281,14 @@ def unmerge(merged: Any, lora: Any, dtype: Any = None) -> Any:
 
 def _fold(frozen: Any, lora: Any, dtype: Any, sign: float) -> Any:
     out = jax.tree.map(lambda x: x, frozen, is_leaf=lambda x: isinstance(x, NF4Tensor))
+    if "norm" in lora and sign > 0:  # trained LayerNorm biases replace the frozen ones
+        out["norm"] = out["norm"] | {"bias": lora["norm"]["bias"].astype(out["norm"]["bias"].dtype)}
     for group, modules in lora["layers"].items():
+        if is_norm_bias(modules):
+            if sign > 0:
+                bias = modules["bias"].astype(out["layers"][group]["bias"].dtype)
+                out["layers"][group] = out["layers"][group] | {"bias": bias}
+            continue
         for proj, adapter in modules.items():
             params = dict(out["layers"][group][proj])
             if "a" in adapter:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from qlora_jax.io.safetensors_stream import SafetensorsFile, write
-from qlora_jax.lora import LoraConfig, init_lora, module_name, split_module_name, targeted_modules
+from qlora_jax.lora import LoraConfig, init_lora, split_module_name, targeted_modules, trained_biases
 from qlora_jax.models.config import LlamaConfig
 
 PREFIX = "base_model.model."
@@ -88,12 +88,9 @@ def save_adapter(
         b = np.asarray(adapter["b"][layer], np.float32)[:rank, :]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    for group, modules in lora["layers"].items():
-        for proj, adapter in modules.items():
-            if "bias" in adapter:
-                for layer in range(model_cfg.num_layers):
-                    key = _bias_key(module_name(model_cfg, layer, group, proj), targeted)
-                    tensors[key] = np.asarray(adapter["bias"][layer], np.float32)
+    for module, path, layer in trained_biases(model_cfg, lora):
+        bias = _node(lora, path)["bias"]
+        tensors[_bias_key(module, targeted)] = np.asarray(bias if layer is None else bias[layer], np.float32)
     write(os.path.join(directory, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
     # peft adapts a Conv1D (GPT-2) with fan_in_fan_out=True and writes so in the config
     config = peft_config_dict(cfg, base_model) | {"fan_in_fan_out": model_cfg.model_type == "gpt2"}
@@ -134,11 +131,17 @@ def load_adapter(directory: str, frozen: Any, model_cfg: LlamaConfig) -> tuple[A
         adapter["b"][i] = 0.0
         adapter["a"][i, :, : a.shape[0]] = a.T
         adapter["b"][i, : b.shape[1], :] = b.T
-    for group, modules in tree["layers"].items():
-        for proj, adapter in modules.items():
-            if "bias" in adapter:
-                for layer in range(model_cfg.num_layers):
-                    key = _bias_key(module_name(model_cfg, layer, group, proj), targeted)
-                    if key in names:
-                        adapter["bias"][layer] = weights.read(key)
+    for module, path, layer in trained_biases(model_cfg, tree):
+        if (key := _bias_key(module, targeted)) in names:
+            node = _node(tree, path)
+            if layer is None:
+                node["bias"] = weights.read(key).astype(np.float32)
+            else:
+                node["bias"][layer] = weights.read(key)
     return tree, cfg
+
+
+def _node(tree: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree

@@ -12,7 +12,6 @@ or more.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import jax
@@ -36,10 +35,9 @@ from tests.peft_reference import randomize_b
 
 TOL = 1e-4
 FAMILIES = ("qwen2", "qwen3", "gpt2")
-# bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them;
-# GPT-2 trains the biases of its adapted c_attn, c_proj and c_fc (bias="all" would add LayerNorm's)
+# bias="all": Qwen2's frozen q/k/v biases train too, GPT-2's linear and LayerNorm biases (as peft
+# marks every *.bias), so adapters and merged exports carry them
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
-LORAS = {"qwen2": LORA, "qwen3": LORA, "gpt2": dataclasses.replace(LORA, bias="lora_only")}
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -58,14 +56,19 @@ def family(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapted(family):
     """An adapter of LORA with random nonzero B and biases moved off their frozen values."""
-    name, _, _, model, frozen = family
-    tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORAS[name]))
+    _, _, _, model, frozen = family
+    tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORA))
     rng = np.random.default_rng(0)
     for modules in tree["layers"].values():
+        if lora_lib.is_norm_bias(modules):  # GPT-2's ln_1 / ln_2 biases
+            modules["bias"] = modules["bias"] + np.float32(0.1)
+            continue
         for adapter in modules.values():
             adapter["b"] = (0.05 * rng.standard_normal(adapter["b"].shape)).astype(np.float32)
             if "bias" in adapter:
                 adapter["bias"] = adapter["bias"] + np.float32(0.1)
+    if "norm" in tree:  # GPT-2's ln_f bias
+        tree["norm"]["bias"] = tree["norm"]["bias"] + np.float32(0.1)
     return tree
 
 
@@ -130,15 +133,15 @@ def test_greedy_generation_matches_transformers(family):
 
 
 def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp_path):
-    name, ref, _, model, frozen = family
+    _, ref, _, model, frozen = family
     tokens = _tokens(2, 10)
-    peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORAS[name], model.config)
+    peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORA, model.config)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "ours")).eval()
     ours_logits = np.asarray(model.apply(frozen, adapted, tokens))
     assert rel_err(ours_logits, hf_logits(theirs, tokens)) < TOL
     assert rel_err(ours_logits, hf_logits(ref, tokens)) > 1e-2  # the adapter (and biases) matter
     # an adapter peft made (random B, same keys as ours) loads into ours with peft's logits
-    made = peft.get_peft_model(copy.deepcopy(ref), peft_config(LORAS[name]))
+    made = peft.get_peft_model(copy.deepcopy(ref), peft_config(LORA))
     randomize_b(made)
     made.save_pretrained(str(tmp_path / "peft"))
     from safetensors.numpy import load_file
@@ -147,7 +150,7 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
         load_file(str(tmp_path / "ours" / peft_io.WEIGHTS_FILE))
     )
     loaded, cfg = peft_io.load_adapter(str(tmp_path / "peft"), frozen, model.config)
-    assert cfg.bias == LORAS[name].bias
+    assert cfg.bias == "all"
     assert rel_err(np.asarray(model.apply(frozen, loaded, tokens)), hf_logits(made.eval(), tokens)) < TOL
 
 
