@@ -26,7 +26,15 @@ from qlora_jax.models.config import LlamaConfig
 # Fields added after checkpoints existed, left out of the fingerprint at these values so that
 # older checkpoints still match their base (seq_tile and dequant_slices always: they are how to
 # run, not what).
-LATER_FIELDS = {"qkv_bias": False, "qk_norm": False}
+LATER_FIELDS = {
+    "qkv_bias": False,
+    "qk_norm": False,
+    "norm_type": "rmsnorm",  # GPT-2's fields from here on
+    "position_embedding": "rope",
+    "hidden_act": "silu",
+    "gated_mlp": True,
+    "fused_qkv": False,
+}
 
 
 def _architecture(model_cfg: LlamaConfig) -> str:
