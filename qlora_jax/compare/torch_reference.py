@@ -38,19 +38,20 @@ def _model_config(hf_model) -> LlamaConfig:
     return from_hf_config(hf_model.config.to_dict())
 
 
-def _decoder_linears(hf_model) -> Iterator[tuple[int, str, str, Any]]:
-    """(layer, group, name, module) of every decoder projection of a transformers model, by the
-    tree's (group, name) (GPT-2's attn.c_attn is ("self_attn", "c_attn"))."""
+def _decoder_linears(hf_model) -> Iterator[tuple[int, str, str, str]]:
+    """(layer, group, name, module path) of every decoder projection of a transformers model, by
+    the tree's (group, name) (GPT-2's transformer.h.0.attn.c_attn is ("self_attn", "c_attn"))."""
     cfg = _model_config(hf_model)
     for layer in range(cfg.num_layers):
         for group, name in linear_shapes(cfg):
-            path = hf_name(cfg.model_type, f"model.layers.{layer}.{group}.{name}")
-            yield layer, group, name, hf_model.get_submodule(path)
+            yield layer, group, name, hf_name(cfg.model_type, f"model.layers.{layer}.{group}.{name}")
 
 
 def adapter_modules(peft_model) -> Iterator[tuple[int, str, str, Any]]:
     """(layer, group, name, peft LoRA module) for every adapted decoder projection."""
-    for layer, group, name, module in _decoder_linears(peft_model.base_model.model):
+    causal_lm = peft_model.base_model.model
+    for layer, group, name, path in _decoder_linears(causal_lm):
+        module = causal_lm.get_submodule(path)
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             yield layer, group, name, module
 
@@ -118,7 +119,8 @@ def quantize_with_bnb(
 ) -> None:
     """Replace the decoder linears of a transformers model, in place, by bitsandbytes 4-bit layers
     (a Conv1D's (in, out) weight transposed first, as transformers' bitsandbytes integration does)."""
-    for *_, child in list(_decoder_linears(hf_model)):
+    for *_, path in _decoder_linears(hf_model):
+        child = hf_model.get_submodule(path)
         weight_OxI = (
             child.weight.data.T if isinstance(child, transformers.pytorch_utils.Conv1D) else child.weight.data
         )
@@ -142,19 +144,16 @@ def quantize_with_bnb(
         q.support_avx512bf16_for_cpu = False
         if child.bias is not None:
             q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-        parent, _, name = _module_path(hf_model, child).rpartition(".")
+        parent, _, name = path.rpartition(".")
         setattr(hf_model.get_submodule(parent), name, q.to("cpu"))
-
-
-def _module_path(model, module) -> str:
-    return next(path for path, candidate in model.named_modules() if candidate is module)
 
 
 def frozen_from_bnb(frozen: dict, hf_model) -> dict:
     """Our frozen tree with each decoder linear taken from the bitsandbytes modules' own states."""
     frozen = jax.tree.map(np.asarray, frozen, is_leaf=lambda x: isinstance(x, nf4.NF4Tensor))
     per_layer: dict[tuple[str, str], list[nf4.NF4Tensor]] = {}
-    for _, group, name, module in _decoder_linears(hf_model):
+    for _, group, name, path in _decoder_linears(hf_model):
+        module = hf_model.get_submodule(path)
         state = module.weight.quant_state.as_dict(packed=False) | {"weight": module.weight.data.numpy()}
         per_layer.setdefault((group, name), []).append(nf4.NF4Tensor.from_bnb(state))
     for (group, name), weights in per_layer.items():

@@ -82,9 +82,7 @@ class LlamaConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's features of q and k, before RoPE
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` keys only
     norm_type: str = "rmsnorm"  # "layernorm": LayerNorm with a bias (GPT-2)
-    position_embedding: str = (
-        "rope"  # "learned": a (max_position_embeddings, hidden) table added to the tokens
-    )
+    position_embedding: str = "rope"  # "learned": a table of max_position_embeddings rows (GPT-2)
     hidden_act: str = "silu"  # the MLP's activation (HIDDEN_ACTS)
     gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (GPT-2's c_fc, c_proj)
     fused_qkv: bool = False  # one projection whose output features are q, then k, then v

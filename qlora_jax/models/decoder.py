@@ -248,12 +248,12 @@ class MLP(nn.Module):
         def linear(role: str) -> Linear:
             return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=names[role])
 
-        up = checkpoint_name(linear("up")(x), MATMUL_OPERANDS)
         if self.cfg.gated_mlp:
             gate = checkpoint_name(linear("gate")(x), MATMUL_OPERANDS)
+            up = checkpoint_name(linear("up")(x), MATMUL_OPERANDS)
             product = checkpoint_name(act(gate) * up, MATMUL_OPERANDS)
         else:
-            product = checkpoint_name(act(up), MATMUL_OPERANDS)
+            product = checkpoint_name(act(checkpoint_name(linear("up")(x), MATMUL_OPERANDS)), MATMUL_OPERANDS)
         return carry, linear("down")(product)
 
 

@@ -120,7 +120,8 @@ def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:
-    """attention_bias covers q/k/v/o, qkv_bias (Qwen2) q/k/v, mlp_bias gate/up/down."""
+    """attention_bias covers q/k/v/o (GPT-2: c_attn, c_proj), qkv_bias (Qwen2) q/k/v, mlp_bias
+    gate/up/down (GPT-2: c_fc, c_proj)."""
     if group == "mlp":
         return cfg.mlp_bias
     return cfg.attention_bias or (cfg.qkv_bias and name != linear_names(cfg)["o"])
