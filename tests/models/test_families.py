@@ -123,13 +123,18 @@ def test_logits_match_transformers_with_padding_and_packing(family):
 
 
 def test_greedy_generation_matches_transformers(family):
-    _, ref, _, model, frozen = family
+    name, ref, _, model, frozen = family
     prompts = [_tokens(1, 5, seed=3)[0].tolist(), _tokens(1, 9, seed=4)[0].tolist()]
     ours = generate(model, frozen, None, prompts, max_new_tokens=20)  # one left-padded batch, KV cache
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
             out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, pad_token_id=0)
         assert got == out[0, len(prompt) :].tolist()
+    if name == "gpt2":  # a position past the learned table stops before any compute
+        with pytest.raises(
+            ValueError, match=r"9 tokens\) \+ max_new_tokens=56 is past the model's 64 learned"
+        ):
+            generate(model, frozen, None, prompts, max_new_tokens=56)
 
 
 def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp_path):
