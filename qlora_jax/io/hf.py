@@ -126,10 +126,17 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
             return bnb4bit.read_linear(name, weight_map, read_stored, os.path.join(path, weight_map[name]))
         return read_stored(name)
 
+    def stored_name(name: str) -> str:
+        """The family's HF name of tree name `name`; without the "transformer." prefix where the file
+        holds the base model only (openai-community/gpt2 was saved from GPT2Model)."""
+        family_name = hf_name(cfg.model_type, name)
+        base_name = family_name.removeprefix("transformer.")
+        return base_name if family_name not in weight_map and base_name in weight_map else family_name
+
     def read_tree_name(name: str) -> Any:
-        """The tensor of tree name `name` under the family's HF name; a Conv1D weight transposed to
+        """The tensor of tree name `name` under its stored name; a Conv1D weight transposed to
         (out, in) unless stored 4-bit (bitsandbytes quantizes Conv1D weights transposed already)."""
-        tensor = (read if bits else read_stored)(hf_name(cfg.model_type, name))
+        tensor = (read if bits else read_stored)(stored_name(name))
         return tensor.T if is_conv1d(cfg.model_type, name) and not isinstance(tensor, NF4Tensor) else tensor
 
     return cfg, read_tree_name

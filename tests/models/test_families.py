@@ -101,6 +101,10 @@ def test_config_and_frozen_tree_carry_the_family(family):
         )
         np.testing.assert_array_equal(frozen["norm"]["bias"], ref.transformer.ln_f.bias.detach())
         assert cfg.tie_word_embeddings and "lm_head" not in frozen
+        # openai-community/gpt2's own file was saved from GPT2Model: names without "transformer."
+        base_only = save(ref.transformer, f"{path}-base-model")
+        _, frozen_base = llama.from_pretrained(base_only, quantization=None, dtype="float32")
+        jax.tree.map(np.testing.assert_array_equal, frozen_base, frozen)
     else:  # explicit head_dim 64 (hidden / heads = 32), q/k norms of that size
         assert cfg.qk_norm and cfg.head_dim == 64 and "lm_head" in frozen
         assert all("bias" not in attn[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
