@@ -47,7 +47,7 @@ def model_attention_mask(
 def loss_sum(peft_model, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, float]:
     """(summed token loss, loss tokens) of one (B, T) batch: float32 logits, as qlora_jax.train.loss."""
     causal_lm = peft_model.base_model.model
-    hidden = causal_lm.model(
+    hidden = causal_lm.base_model(
         input_ids=torch.as_tensor(batch["inputs"]).long(),
         attention_mask=model_attention_mask(causal_lm.config, batch["segment_ids"], causal_lm.dtype),
         position_ids=torch.as_tensor(batch["positions"]).long(),

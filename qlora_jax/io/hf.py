@@ -15,8 +15,9 @@ import numpy as np
 
 from qlora_jax.io import bnb4bit
 from qlora_jax.io import gguf as gguf_io
-from qlora_jax.models.config import LlamaConfig, RopeScaling, from_hf_config
-from qlora_jax.models.frozen import Quantization, build_frozen, linear_shapes
+from qlora_jax.models.config import GPT2_FIELDS, LlamaConfig, RopeScaling, from_hf_config
+from qlora_jax.models.frozen import Quantization, build_frozen, hf_name, is_conv1d, linear_shapes
+from qlora_jax.quant.nf4 import NF4Tensor
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -32,6 +33,10 @@ GGUF_NAMES = {
     "self_attn.k_norm": "attn_k_norm",
     "self_attn.qkv_proj": "attn_qkv",  # Phi-3: q|k|v rows, as in HF
     "mlp.gate_up_proj": "ffn_up",  # Phi-3: gate|up rows, as in HF
+    "self_attn.c_attn": "attn_qkv",  # GPT-2's
+    "self_attn.c_proj": "attn_output",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
 }
 # Gemma's four norms per layer: its post_attention_layernorm norms the attention output
 GGUF_SANDWICH_NAMES = GGUF_NAMES | {
@@ -40,7 +45,7 @@ GGUF_SANDWICH_NAMES = GGUF_NAMES | {
     "post_feedforward_layernorm": "post_ffw_norm",
 }
 # llama.cpp's general.architecture values we read
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")
 # llama.cpp's fixed Gemma hyperparameters, for files without the key: every n-th layer global,
 # the layer count of the 27B models (whose attention scale is hidden / heads, not head_dim)
 GGUF_GEMMA_GLOBAL_EVERY = {"gemma2": 2, "gemma3": 6}
@@ -125,11 +130,9 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
         return files[file].read(stored_names[name])
 
     bits = bnb4bit.stored_bits(hf_json, os.path.join(path, "config.json"))
-    if bits is None:
-        return cfg, read_stored
     if bits == 8:
-        group, name = next(iter(linear_shapes(cfg)))  # the first linear the config names
-        first = f"model.layers.0.{group}.{name}.weight"
+        group, linear = next(iter(linear_shapes(cfg)))
+        first = hf_name(cfg.model_type, f"model.layers.0.{group}.{linear}.weight")
         raise ValueError(
             f"{os.path.join(path, weight_map.get(first, 'model.safetensors'))}: {first} is an 8-bit "
             "(LLM.int8, load_in_8bit) weight; 8-bit checkpoints are not supported: use a 4-bit "
@@ -141,7 +144,20 @@ def _hf_source(path: str, runtime: dict[str, Any]) -> tuple[LlamaConfig, Callabl
             return bnb4bit.read_linear(name, weight_map, read_stored, os.path.join(path, weight_map[name]))
         return read_stored(name)
 
-    return cfg, read
+    def stored_name(name: str) -> str:
+        """The family's HF name of tree name `name`; without the "transformer." prefix where the file
+        holds the base model only (openai-community/gpt2 was saved from GPT2Model)."""
+        family_name = hf_name(cfg.model_type, name)
+        base_name = family_name.removeprefix("transformer.")
+        return base_name if family_name not in weight_map and base_name in weight_map else family_name
+
+    def read_tree_name(name: str) -> Any:
+        """The tensor of tree name `name` under its stored name; a Conv1D weight transposed to
+        (out, in) unless stored 4-bit (bitsandbytes quantizes Conv1D weights transposed already)."""
+        tensor = (read if bits else read_stored)(stored_name(name))
+        return tensor.T if is_conv1d(cfg.model_type, name) and not isinstance(tensor, NF4Tensor) else tensor
+
+    return cfg, read_tree_name
 
 
 def _causal_lm_names(hf_json: dict[str, Any], weight_map: dict[str, str], listed_in: str) -> dict[str, str]:
@@ -202,6 +218,8 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     head_dim = meta("attention.key_length")
     num_layers = int(meta("block_count"))
+    is_gpt2 = arch == "gpt2"  # llama.cpp's GPT-2: LayerNorm eps, ggml_gelu (tanh approximation)
+    eps_key = "attention.layer_norm_epsilon" if is_gpt2 else "attention.layer_norm_rms_epsilon"
     if arch.startswith("gemma"):
         family = _gemma_gguf_fields(
             arch, meta, num_layers, int(meta("embedding_length")) // num_heads, head_dim
@@ -216,6 +234,8 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
             "fused_gate_up": True,
             "partial_rotary_factor": int(meta("rope.dimension_count", head_dim)) / head_dim,
         }
+    elif is_gpt2:
+        family = dict(GPT2_FIELDS, hidden_act="gelu_new")
     else:
         family = {"qkv_bias": arch == "qwen2", "qk_norm": arch == "qwen3"}
     return LlamaConfig(
@@ -226,11 +246,11 @@ def gguf_config(reader: Any, path: str, **runtime: Any) -> LlamaConfig:
         num_heads=num_heads,
         num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
         head_dim=None if head_dim is None else int(head_dim),
-        rms_norm_eps=float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
+        rms_norm_eps=float(np.float32(meta(eps_key))),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         max_position_embeddings=int(meta("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
+        tie_word_embeddings="output.weight" not in names or (is_gpt2 and _head_copies_embedding(reader)),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
@@ -283,6 +303,14 @@ def _gemma_gguf_fields(
     )
 
 
+def _head_copies_embedding(reader: Any) -> bool:
+    """llama.cpp's GPT-2 converter writes the tied head as output.weight, a byte copy of
+    token_embd.weight: such a file is a tied model."""
+    tensors = {t.name: t for t in reader.tensors}
+    head, embed = tensors["output.weight"], tensors["token_embd.weight"]
+    return head.tensor_type == embed.tensor_type and np.array_equal(head.data, embed.data)
+
+
 def unpermute_qk(w_OxI: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's rotate-half)."""
     out_dim = w_OxI.shape[0]
@@ -294,8 +322,10 @@ def unpermute_qk(w_OxI: np.ndarray, heads: int) -> np.ndarray:
 def _gguf_name(name: str, cfg: LlamaConfig) -> str:
     if name == "model.embed_tokens.weight":
         return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
+    if name.startswith("model.norm."):
+        return f"output_norm.{name.rsplit('.', 1)[1]}"
+    if name == "model.embed_positions.weight":
+        return "position_embd.weight"
     if name == "lm_head.weight":
         return "output.weight"
     _, _, layer, rest = name.split(".", 3)

@@ -2,8 +2,9 @@
 
 One config covers every supported family (MODEL_TYPES): a family is a set of field values
 (Qwen2: qkv_bias, Qwen3: qk_norm, Mistral: sliding_window, Phi-3: fused_qkv + fused_gate_up, Gemma 2/3:
-sandwich_norms and the fields beside it), which the decoder reads; nothing branches on the family's
-name except the HF config reader and writer here.
+sandwich_norms and the fields beside it, GPT-2: GPT2_FIELDS), which the decoder reads; nothing branches
+on the family's name except the HF config reader and writer here and the HF tensor names
+(models/frozen.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,27 @@ from typing import Any
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 # transformers' model_type values we load; "gemma3" is Gemma 3's multimodal checkpoint, of which
 # the text decoder loads (as gemma3_text)
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3")
-# A family's own field and the fields no HF class of that family has (Qwen2, Qwen3, Phi-3, Gemma 2/3);
-# "sliding_window" here is one window on every layer (Mistral's, Phi-3's), not Gemma's per-layer windows.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3", "gpt2")
+NORM_TYPES = ("rmsnorm", "layernorm")
+POSITION_EMBEDDINGS = ("rope", "learned")
+# The MLP's activation, by transformers' name (decoder.ACTIVATIONS computes each): SwiGLU's silu,
+# Gemma's GeGLU gelu_pytorch_tanh, GPT-2's gelu_new (both GELU's tanh approximation) or exact gelu.
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh", "gelu_new", "gelu")
+GEMMA_ACTS = ("silu", "gelu_pytorch_tanh")  # what Gemma's config.json may name (hidden_activation)
+GPT2_ACTS = ("gelu_new", "gelu")  # what GPT-2's config.json may name (activation_function)
+# GPT-2's architecture: LayerNorm with bias, a learned position table, a non-gated GELU MLP and one
+# fused q|k|v projection, biases on every projection (its hidden_act comes from its config).
+GPT2_FIELDS = dict(
+    norm_type="layernorm",
+    position_embedding="learned",
+    gated_mlp=False,
+    fused_qkv=True,
+    attention_bias=True,
+    mlp_bias=True,
+)
+# A family's own field and the fields no HF class of that family has (Qwen2, Qwen3, Phi-3, Gemma 2/3;
+# GPT-2's set is checked as a whole, _check_gpt2_fields); "sliding_window" here is one window on
+# every layer (Mistral's, Phi-3's), not Gemma's per-layer windows.
 FAMILY_CLASHES = {
     "qkv_bias": ("qk_norm", "attention_bias", "mlp_bias", "sliding_window"),
     "qk_norm": ("mlp_bias", "sliding_window", "attn_logit_softcapping"),
@@ -36,7 +55,6 @@ GEMMA_FIELDS = (
     "layer_types",
     "rope_local_theta",
 )
-HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # the MLP gate's activation: SwiGLU or Gemma's GeGLU
 LAYER_TYPES = ("sliding_attention", "full_attention")
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default when config.json has no head_dim
 REMAT_POLICIES = (
@@ -88,7 +106,7 @@ class LlamaConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int | None = None  # default hidden_size // num_heads
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # every norm's epsilon (GPT-2: layer_norm_epsilon)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 4096
@@ -100,11 +118,12 @@ class LlamaConfig:
     # attend to the last `sliding_window` keys only: on every layer (Mistral, Phi-3) or layer_types'
     # sliding ones (Gemma)
     sliding_window: int | None = None
-    # Phi-3: one qkv_proj whose output features are q, then k, then v (sizes from the head counts)
+    # one projection whose output features are q, then k, then v (sizes from the head counts):
+    # Phi-3's qkv_proj, GPT-2's c_attn
     fused_qkv: bool = False
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj whose output features are gate, then up
     partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE turns the first int(head_dim * factor) features
-    hidden_act: str = "silu"  # the MLP gate's activation (HIDDEN_ACTS)
+    hidden_act: str = "silu"  # the MLP's activation (HIDDEN_ACTS)
     # Gemma 2/3: post_attention_layernorm and post_feedforward_layernorm norm each sublayer's output
     # before the residual add, pre_feedforward_layernorm the MLP's input (four norms per layer)
     sandwich_norms: bool = False
@@ -120,6 +139,9 @@ class LlamaConfig:
     # the text decoder of a multimodal checkpoint (Gemma 3's gemma3): the same model, whose modules
     # peft names model.language_model.* (Gemma3ForConditionalGeneration) in adapters
     text_of_multimodal: bool = False
+    norm_type: str = "rmsnorm"  # "layernorm": LayerNorm with a bias (GPT-2)
+    position_embedding: str = "rope"  # "learned": a table of max_position_embeddings rows (GPT-2)
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x))) (GPT-2's c_fc, c_proj)
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -146,6 +168,14 @@ class LlamaConfig:
             raise ValueError(f"dequant_slices {self.dequant_slices} must be >= 1 (1: whole weights)")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"attention_impl {self.attention_impl!r} unknown; valid: None, 'xla', 'cudnn'")
+        for field, value, valid in (
+            ("norm_type", self.norm_type, NORM_TYPES),
+            ("position_embedding", self.position_embedding, POSITION_EMBEDDINGS),
+            ("hidden_act", self.hidden_act, HIDDEN_ACTS),
+        ):
+            if value not in valid:
+                raise ValueError(f"{field} {value!r} is not supported; valid: {valid}")
+        self._check_gpt2_fields()
         if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
             raise ValueError(
                 f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and turn an even "
@@ -164,12 +194,15 @@ class LlamaConfig:
                 "fused_gate_up and partial_rotary_factor != 1 are Phi-3's and need fused_qkv=True and "
                 f"fused_gate_up=True; no other supported family {MODEL_TYPES} has them"
             )
+        if self.fused_qkv and not (self.fused_gate_up or self.position_embedding == "learned"):
+            raise ValueError(
+                "fused_qkv is Phi-3's (with fused_gate_up=True) or GPT-2's (with its GPT2_FIELDS); "
+                "alone it matches no supported family"
+            )
         if self.attention_impl == "cudnn" and self.attn_logit_softcapping is not None:
             raise ValueError(
                 "attention_impl 'cudnn' has no score soft-capping (attn_logit_softcapping); use 'xla'"
             )
-        if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; valid: {HIDDEN_ACTS}")
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             self._check_layer_types()
@@ -198,6 +231,18 @@ class LlamaConfig:
             raise ValueError("rope_local_theta (Gemma 3) without qk_norm matches no supported family")
         if self.text_of_multimodal and self.model_type != "gemma3_text":
             raise ValueError("text_of_multimodal is Gemma 3's (model_type gemma3) only")
+        family_acts = self._family_acts()
+        if self.hidden_act not in family_acts:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} of model_type {self.model_type!r} is not supported; "
+                f"valid: {family_acts}"
+            )
+
+    def _family_acts(self) -> tuple[str, ...]:
+        """The activations the family of these fields has (its HF config names one of them)."""
+        if self.position_embedding == "learned":
+            return GPT2_ACTS
+        return GEMMA_ACTS if self.sandwich_norms else ("silu",)
 
     def _check_layer_types(self) -> None:
         kinds = self.layer_types
@@ -218,9 +263,33 @@ class LlamaConfig:
         """Features of each head that RoPE turns (transformers: int(head_dim * partial_rotary_factor))."""
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def _check_gpt2_fields(self) -> None:
+        """GPT-2's fields come as a set (no other supported family has any of them)."""
+        gpt2_on = (self.norm_type == "layernorm", self.position_embedding == "learned", not self.gated_mlp)
+        if not any(gpt2_on):
+            return
+        wrong = [f"{k}={getattr(self, k)!r}" for k, v in GPT2_FIELDS.items() if getattr(self, k) != v]
+        others = ("qkv_bias", "qk_norm", "fused_gate_up", "sandwich_norms")  # Qwen's, Phi-3's, Gemma's
+        wrong += [f"{k}=True" for k in others if getattr(self, k)]
+        if self.partial_rotary_factor != 1.0 or self.rope_scaling.rope_type != "default":
+            wrong.append(
+                f"partial_rotary_factor={self.partial_rotary_factor}, rope_scaling={self.rope_scaling}"
+            )
+        if self.sliding_window is not None:
+            wrong.append(f"sliding_window={self.sliding_window}")
+        if self.num_kv_heads != self.num_heads or self.head_dim * self.num_heads != self.hidden_size:
+            wrong.append(f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}")
+        if wrong:
+            raise ValueError(
+                f"GPT-2's fields {GPT2_FIELDS} (num_kv_heads = num_heads, head_dim = hidden / heads) come "
+                f"together and without other families' fields; got {', '.join(wrong)}"
+            )
+
     @property
     def model_type(self) -> str:
         """The transformers family whose architecture these fields describe (for export)."""
+        if self.position_embedding == "learned":
+            return "gpt2"
         if self.fused_gate_up:
             return "phi3"
         if self.sandwich_norms:
@@ -238,15 +307,18 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Parameters of the base model (embeddings, linears, norms, untied head)."""
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        mlp_linears = 3 if self.gated_mlp else 2
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         qkv_bias = h * (self.num_heads + 2 * self.num_kv_heads)
         bias = (qkv_bias + d) if self.attention_bias else qkv_bias if self.qkv_bias else 0
-        bias += (2 * f + d) if self.mlp_bias else 0
+        bias += ((mlp_linears - 1) * f + d) if self.mlp_bias else 0
         qk_norms = 2 * h if self.qk_norm else 0
-        norms = (4 if self.sandwich_norms else 2) * d
-        layer = attn + 3 * d * f + norms + bias + qk_norms
+        norm = 2 * d if self.norm_type == "layernorm" else d  # weight (and bias) of one norm
+        norms = (4 if self.sandwich_norms else 2) * norm
+        layer = attn + mlp_linears * d * f + norms + bias + qk_norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        positions = self.max_position_embeddings * d if self.position_embedding == "learned" else 0
+        return self.vocab_size * d + positions + self.num_layers * layer + norm + head
 
 
 def _longrope_from_hf(hf: Mapping[str, Any], scaling: Mapping[str, Any], original: int | None) -> RopeScaling:
@@ -430,11 +502,13 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
     model_type = hf.get("model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)}")
+    if model_type == "gpt2":
+        return _from_gpt2_config(hf, runtime)
     is_gemma = model_type.startswith("gemma")
     if is_gemma:
         hf = _gemma_text_config(hf)
     act = hf.get("hidden_activation" if is_gemma else "hidden_act", "silu")
-    valid_acts = HIDDEN_ACTS if is_gemma else ("silu",)
+    valid_acts = GEMMA_ACTS if is_gemma else ("silu",)
     if act not in valid_acts:
         raise ValueError(
             f"hidden_act {act!r} of model_type {model_type!r} is not supported; valid: {valid_acts}"
@@ -470,6 +544,67 @@ def from_hf_config(hf: Mapping[str, Any], **runtime: Any) -> LlamaConfig:
         **family,
         **runtime,
     )
+
+
+# GPT2Config's attention variants: only transformers' defaults are supported (key: default value).
+GPT2_ATTENTION_DEFAULTS = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+def _from_gpt2_config(hf: Mapping[str, Any], runtime: dict[str, Any]) -> LlamaConfig:
+    """A GPT-2 `config.json` (GPT2Config's n_embd, n_layer, ... keys) as a LlamaConfig."""
+    for key, default in GPT2_ATTENTION_DEFAULTS.items():
+        if hf.get(key, default) != default:
+            raise ValueError(
+                f"gpt2 {key}={hf[key]!r} is not supported; valid: {default} (transformers' default)"
+            )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTS:
+        raise ValueError(f"gpt2 activation_function {act!r} is not supported; valid: {GPT2_ACTS}")
+    hidden, heads = int(hf["n_embd"]), int(hf["n_head"])
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf.get("n_inner") or 4 * hidden),
+        num_layers=int(hf["n_layer"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        max_position_embeddings=int(hf.get("n_positions", 1024)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        hidden_act=act,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_token_ids(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+        **GPT2_FIELDS,
+        **runtime,
+    )
+
+
+def _to_gpt2_config(cfg: LlamaConfig) -> dict[str, Any]:
+    """GPT2Config's own keys for a GPT-2 LlamaConfig."""
+    eos = list(cfg.eos_token_ids)
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.hidden_size,
+        "n_inner": cfg.intermediate_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_positions": cfg.max_position_embeddings,
+        "activation_function": cfg.hidden_act,
+        "layer_norm_epsilon": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        **GPT2_ATTENTION_DEFAULTS,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
 
 
 HF_ARCHITECTURES = {
@@ -513,6 +648,8 @@ def _family_fields(cfg: LlamaConfig) -> dict[str, Any]:
 
 def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
     """The transformers config dict of cfg's family (for export and PyTorch comparison)."""
+    if cfg.model_type == "gpt2":
+        return _to_gpt2_config(cfg)
     rope: dict[str, Any] = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling.rope_type != "default":
         rope["factor"] = cfg.rope_scaling.factor

@@ -1,10 +1,11 @@
 """Flax LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
 
 One decoder for every family: their differences are LlamaConfig fields read here and in the
-frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`; Phi-3's
-fused projections: `fused_qkv`, `fused_gate_up`, split here after one matmul each; Gemma's
-`sandwich_norms`, `unit_offset_norms`, `scale_embeddings`, `hidden_act`, soft-caps, and per-layer
-windows and RoPE bases: `layer_types`, `rope_local_theta`, scanned as a per-layer flag).
+frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`; fused
+projections, split here after one matmul each: `fused_qkv` (Phi-3's qkv_proj, GPT-2's c_attn) and
+`fused_gate_up` (Phi-3); Gemma's `sandwich_norms`, `unit_offset_norms`, `scale_embeddings`, soft-caps,
+and per-layer windows and RoPE bases: `layer_types`, `rope_local_theta`, scanned as a per-layer flag;
+GPT-2's `norm_type`, `position_embedding`, `gated_mlp`; the MLP's `hidden_act`).
 
 Weights are not Flax params: the module reads them from two variable collections passed at
 apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
@@ -27,9 +28,17 @@ from jax.ad_checkpoint import checkpoint_name
 from qlora_jax.models import attention
 from qlora_jax.models.attention import softcapped_attention
 from qlora_jax.models.config import LlamaConfig, RopeScaling
+from qlora_jax.models.frozen import linear_names
 from qlora_jax.models.linear import Linear, dense_weight
 from qlora_jax.models.rope import apply_rope, cos_sin
 
+# the MLP's activation by LlamaConfig.hidden_act (config.HIDDEN_ACTS), as transformers' ACT2FN
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),  # Gemma's GeGLU
+    "gelu_new": functools.partial(nn.gelu, approximate=True),  # GPT-2: NewGELUActivation, the same tanh form
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
 LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input (the residual stream)
 ATTENTION_RESIDUALS = "attention_residuals"  # what attention's backward needs besides q, k, v
 MATMUL_OPERANDS = "matmul_operands"  # normed inputs, q/k/v, gate/up and the MLP product
@@ -60,11 +69,6 @@ REMAT_POLICY_FNS = {
 # offload_attention there, offload below. Measured on H100, Llama-3-8B shape: offload_attention
 # is 6% slower at 2,048 tokens and 12% faster at 65,536 (experiments/NOTES.md, issue 18).
 AUTO_ATTENTION_OFFLOAD_TOKENS = 16384
-# the MLP gate's activation by LlamaConfig.hidden_act (config.HIDDEN_ACTS): SwiGLU's, Gemma's GeGLU
-ACTIVATIONS = {
-    "silu": nn.silu,
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-}
 
 
 def remat_policy_name(policy: str, length: int) -> str:
@@ -85,11 +89,12 @@ class KVCache(NamedTuple):
 
 
 class LayerContext(NamedTuple):
-    """What every layer shares: RoPE tables, the attention mask (None: causal) and cache slot;
-    with per-layer windows (layer_types) also the sliding layers' tables and mask (None: the same)."""
+    """What every layer shares: RoPE tables (None: no RoPE), the attention mask (None: causal)
+    and cache slot; with per-layer windows (layer_types) also the sliding layers' tables and mask
+    (None: the same)."""
 
-    cos: jax.Array
-    sin: jax.Array
+    cos: jax.Array | None
+    sin: jax.Array | None
     mask: jax.Array | None
     write_index: jax.Array | None
     sliding_cos: jax.Array | None = None
@@ -188,17 +193,39 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * weight.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+    """torch's LayerNorm (GPT-2): normalize, scale and shift in float32, cast back. A bias in the
+    adapter tree (peft's bias="all" trains it) replaces the frozen one."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.get_variable("frozen", "weight")
+        bias = self.get_variable("lora", "bias")
+        if bias is None:
+            bias = self.get_variable("frozen", "bias")
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def norm(cfg: LlamaConfig, name: str) -> nn.Module:
+    """The family's norm named as its frozen weight: LayerNorm (GPT-2), or RMSNorm with Gemma's
+    unit offset or without."""
+    if cfg.norm_type == "layernorm":
+        return LayerNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), name=name)
+    return RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), cfg.unit_offset_norms, name=name)
+
+
 def split_qkv(cfg: LlamaConfig, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A fused projection's (..., features) output cut into q, k and v, in that order (Phi-3's
-    qkv_proj): num_heads * head_dim features, then num_kv_heads * head_dim twice."""
+    qkv_proj, GPT-2's c_attn): num_heads * head_dim features, then num_kv_heads * head_dim twice."""
     q_end = cfg.num_heads * cfg.head_dim
     k_end = q_end + cfg.num_kv_heads * cfg.head_dim
     return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
-
-
-def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
-    """The family's RMSNorm (Gemma's unit offset or not) named as its frozen weight."""
-    return RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), cfg.unit_offset_norms, name=name)
 
 
 class Attention(nn.Module):
@@ -209,21 +236,23 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = x.shape
+        names = linear_names(cfg)
 
-        def linear(name: str) -> Linear:
-            return Linear(dtype, self.lora_dropout, cfg.dequant_slices, name=name)
+        def linear(role: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, cfg.dequant_slices, name=names[role])
 
         if cfg.fused_qkv:
-            q, k, v = split_qkv(cfg, linear("qkv_proj")(x))
+            q, k, v = split_qkv(cfg, linear("qkv")(x))
         else:
-            q, k, v = linear("q_proj")(x), linear("k_proj")(x), linear("v_proj")(x)
+            q, k, v = linear("q")(x), linear("k")(x), linear("v")(x)
         q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:  # Qwen3, Gemma 3: each head's q and k normalized over head_dim, before RoPE
-            q = _norm(cfg, "q_norm")(q)
-            k = _norm(cfg, "k_norm")(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+            q = norm(cfg, "q_norm")(q)
+            k = norm(cfg, "k_norm")(k)
+        if ctx.cos is not None:  # no RoPE with learned positions (GPT-2)
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = (checkpoint_name(t, MATMUL_OPERANDS) for t in (q, k, v))
         if layer_cache is not None:
             start = (0, ctx.write_index, 0, 0)
@@ -238,33 +267,38 @@ class Attention(nn.Module):
             softcap=cfg.attn_logit_softcapping,
         )
         out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
-        out = linear("o_proj")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
+        out = linear("o")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
         return out, layer_cache
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), or GeGLU with gelu_pytorch_tanh (Gemma): the gate's
-    activation from ACTIVATIONS by hidden_act; with fused_gate_up one gate_up_proj whose output
-    halves are gate, then up (Phi-3). Called as (carry, x) -> (carry, y) so that the same module
-    (and its variable paths) can be scanned over sequence tiles (DecoderLayer)."""
+    """SwiGLU: down(act(gate(x)) * up(x)), the activation from ACTIVATIONS by hidden_act (silu;
+    Gemma's GeGLU: gelu_pytorch_tanh); with fused_gate_up one gate_up_proj whose output halves are
+    gate, then up (Phi-3); without gated_mlp down(act(up(x))) (GPT-2's c_fc, c_proj). Called as
+    (carry, x) -> (carry, y) so that the same module (and its variable paths) can be scanned over
+    sequence tiles (DecoderLayer)."""
 
     cfg: LlamaConfig
     lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
-        dtype = jnp.dtype(self.cfg.dtype)
+        dtype, names = jnp.dtype(self.cfg.dtype), linear_names(self.cfg)
+        act = ACTIVATIONS[self.cfg.hidden_act]
 
-        def linear(name: str) -> Linear:
-            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=name)
+        def linear(role: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=names[role])
 
+        if not self.cfg.gated_mlp:
+            up = checkpoint_name(linear("up")(x), MATMUL_OPERANDS)
+            return carry, linear("down")(checkpoint_name(act(up), MATMUL_OPERANDS))
         if self.cfg.fused_gate_up:
-            gate, up = jnp.split(linear("gate_up_proj")(x), 2, axis=-1)
+            gate, up = jnp.split(linear("gate_up")(x), 2, axis=-1)
         else:
-            gate, up = linear("gate_proj")(x), linear("up_proj")(x)
+            gate, up = linear("gate")(x), linear("up")(x)
         gate, up = checkpoint_name(gate, MATMUL_OPERANDS), checkpoint_name(up, MATMUL_OPERANDS)
-        product = checkpoint_name(ACTIVATIONS[self.cfg.hidden_act](gate) * up, MATMUL_OPERANDS)
-        return carry, linear("down_proj")(product)
+        product = checkpoint_name(act(gate) * up, MATMUL_OPERANDS)
+        return carry, linear("down")(product)
 
 
 def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:
@@ -294,13 +328,13 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         ctx = _for_layer(ctx, is_sliding)
         x = checkpoint_name(x, LAYER_INPUT)
-        normed = checkpoint_name(_norm(cfg, "input_layernorm")(x), MATMUL_OPERANDS)
+        normed = checkpoint_name(norm(cfg, "input_layernorm")(x), MATMUL_OPERANDS)
         h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(normed, layer_cache, ctx)
         if cfg.sandwich_norms:
-            h = _norm(cfg, "post_attention_layernorm")(h)
+            h = norm(cfg, "post_attention_layernorm")(h)
         x = x + h
         mlp_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
-        normed = checkpoint_name(_norm(cfg, mlp_norm)(x), MATMUL_OPERANDS)
+        normed = checkpoint_name(norm(cfg, mlp_norm)(x), MATMUL_OPERANDS)
         tile = cfg.seq_tile
         if not tile or x.shape[1] <= tile:
             y = MLP(cfg, self.lora_dropout, name="mlp")(None, normed)[1]
@@ -316,7 +350,7 @@ class DecoderLayer(nn.Module):
             _, y = tiled_mlp(cfg, self.lora_dropout, name="mlp")(None, _tiles(normed, tile))
             y = _untile(y, x.shape[1])
         if cfg.sandwich_norms:
-            y = _norm(cfg, "post_feedforward_layernorm")(y)
+            y = norm(cfg, "post_feedforward_layernorm")(y)
         return x + y, layer_cache
 
 
@@ -334,7 +368,12 @@ class Decoder(nn.Module):
         if cfg.scale_embeddings:  # Gemma: sqrt(hidden) as float32, rounded to the table's dtype (as HF)
             x = x * jnp.asarray(np.float32(cfg.hidden_size**0.5)).astype(embed_VxD.dtype)
         x = x.astype(dtype)
-        cos, sin = cos_sin(cfg, positions_BxT, dtype)
+        if cfg.position_embedding == "learned":  # GPT-2: a table row per position, no RoPE
+            table_PxD = self.get_variable("frozen", "embed_positions")["weight"]
+            x = x + jnp.take(table_PxD, positions_BxT, axis=0).astype(dtype)
+            cos = sin = None
+        else:
+            cos, sin = cos_sin(cfg, positions_BxT, dtype)
         ctx = LayerContext(cos, sin, ctx_mask, write_index, sliding_mask=sliding_mask)
         is_sliding = None
         if cfg.layer_types is not None:
@@ -356,7 +395,7 @@ class Decoder(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.num_layers,
         )(cfg, self.lora_dropout, name="layers")
         x, cache_kv = layers(x, cache_kv, ctx, is_sliding)
-        return _norm(cfg, "norm")(x), cache_kv
+        return norm(cfg, "norm")(x), cache_kv
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_jax.models.config import LlamaConfig, RopeScaling
+from qlora_jax.models.config import GPT2_FIELDS, LlamaConfig, RopeScaling
 
 _LLAMA3_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 _GEMMA = dict(sandwich_norms=True, unit_offset_norms=True, scale_embeddings=True)
@@ -215,6 +215,20 @@ PRESETS: dict[str, LlamaConfig] = {
         bos_token_id=2,
         eos_token_ids=(1, 106),
         pad_token_id=0,
+    ),
+    "gpt2": LlamaConfig(  # GPT-2 small (124M), openai-community/gpt2
+        vocab_size=50257,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        hidden_act="gelu_new",
+        bos_token_id=50256,
+        eos_token_ids=(50256,),
+        **GPT2_FIELDS,
     ),
 }
 

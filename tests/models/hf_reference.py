@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from qlora_jax.compare.torch_reference import hf_config
-from qlora_jax.models.config import LlamaConfig, RopeScaling
+from qlora_jax.models.config import GPT2_FIELDS, LlamaConfig, RopeScaling
 
 
 def small_config(**changes) -> LlamaConfig:
@@ -54,6 +54,7 @@ GEMMA = dict(
 # hidden / heads (32) as in Qwen3's own configs, so a decoder that derived it would fail.
 # Phi-3: fused projections, half of each head turned by RoPE (Phi-4-mini: 3/4), LongRoPE, and a
 # sliding window the test sequences reach past.
+# GPT-2 has no grouped-query attention (kv heads = heads) and ties its head, as its own configs.
 FAMILIES = {
     "llama": {},
     "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6),
@@ -81,6 +82,7 @@ FAMILIES = {
         rope_scaling=RopeScaling("linear", 8.0),
         rope_local_theta=1e4,
     ),
+    "gpt2": dict(GPT2_FIELDS, num_kv_heads=4, hidden_act="gelu_new", tie_word_embeddings=True),
 }
 
 
@@ -95,12 +97,11 @@ def hf_model(cfg: LlamaConfig, seed: int = 0) -> transformers.PreTrainedModel:
     model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("bias"):
-                p.copy_(
-                    1.0 + 0.1 * torch.randn_like(p)
-                    if name.endswith("norm.weight")
-                    else 0.1 * torch.randn_like(p)
-                )
+            is_norm = name.endswith("norm.weight") or ".ln_" in name  # GPT-2's ln_1, ln_2, ln_f
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif is_norm:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
     return model
 
 

@@ -37,6 +37,7 @@ def test_published_sizes():
     assert round(PRESETS["phi-3-mini"].num_params / 1e9, 2) == 3.82  # model card: 3.8B
     assert round(PRESETS["gemma-2-9b"].num_params / 1e9, 2) == 9.24  # model card: 9.24B
     assert round(PRESETS["gemma-3-12b"].num_params / 1e9, 2) == 11.77  # 12.2B less the 0.42B vision tower
+    assert PRESETS["gpt2"].num_params == 124_439_808  # GPT2LMHeadModel of openai-community/gpt2
 
 
 def test_random_init_quantizes_every_layer_and_runs():
@@ -67,7 +68,7 @@ def test_random_init_dense_and_untied_head():
         (
             lambda: from_hf_config({"model_type": "gemma"}),
             "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, phi3, gemma2, "
-            "gemma3_text, gemma3$",
+            "gemma3_text, gemma3, gpt2$",
         ),
         (lambda: small_config(qkv_bias=True, qk_norm=True), "qkv_bias with qk_norm matches no"),
         (lambda: small_config(fused_gate_up=True), "need fused_qkv=True and fused_gate_up=True"),
@@ -76,6 +77,18 @@ def test_random_init_dense_and_untied_head():
             lambda: family_config("phi3", partial_rotary_factor=0.75),
             r"^longrope short_factor/long_factor have \[8\] values; the rotary dimension 24 needs 12 each$",
         ),
+        (
+            lambda: from_hf_config(
+                to_hf_config(family_config("gpt2")) | {"scale_attn_by_inverse_layer_idx": True}
+            ),
+            r"^gpt2 scale_attn_by_inverse_layer_idx=True is not supported; valid: False",
+        ),
+        (
+            lambda: from_hf_config(to_hf_config(family_config("gpt2")) | {"activation_function": "relu"}),
+            r"^gpt2 activation_function 'relu' is not supported; valid: \('gelu_new', 'gelu'\)$",
+        ),
+        (lambda: small_config(norm_type="layernorm"), r"^GPT-2's fields .* got position_embedding='rope'"),
+        (lambda: small_config(norm_type="batchnorm"), r"^norm_type 'batchnorm' is not supported"),
         (
             lambda: from_hf_config(to_hf_config(small_config()) | {"rope_scaling": {"rope_type": "yarn"}}),
             "yarn",

@@ -1,14 +1,15 @@
-"""Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 against transformers and peft on small random models of
-each family (fp32, CPU): loading (safetensors, GGUF, Gemma 3's multimodal checkpoint), logits with
-padding and packing, greedy generation, PEFT adapters both ways, merged export, sharding and random
-init. LLaMA's own tests (test_llama_*.py, tests/io) cover the rest.
+"""Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 and GPT-2 against transformers and peft on small random
+models of each family (fp32, CPU): loading (safetensors, GGUF, Gemma 3's multimodal checkpoint),
+logits with padding and packing, greedy generation, PEFT adapters both ways, merged export,
+sharding and random init. LLaMA's own tests (test_llama_*.py, tests/io) cover the rest.
 
 Tolerance 1e-4 relative to the largest logit: both sides compute in float32 with different
-summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, or a wrong head_dim, moves
-logits by 1e-2 or more, as does any Gemma difference (a soft-cap left out, the attention scale
-taken from head_dim, a window on the wrong layer, Gemma 3's local RoPE base: 3e-2 to 1). Phi-3's
-RoPE tables (partial rotary, LongRoPE's short and long factors and attention factor) against
-transformers' own: 1e-6 relative, float32 cos/sin of the same angles.
+summation orders (observed ~1e-6); a missing q/k/v bias or q/k norm, a wrong head_dim, GPT-2's
+position table or LayerNorm bias left out or a Conv1D weight not transposed, moves logits by 1e-2
+or more, as does any Gemma difference (a soft-cap left out, the attention scale taken from
+head_dim, a window on the wrong layer, Gemma 3's local RoPE base: 3e-2 to 1). Phi-3's RoPE tables
+(partial rotary, LongRoPE's short and long factors and attention factor) against transformers'
+own: 1e-6 relative, float32 cos/sin of the same angles.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_er
 from tests.peft_reference import randomize_b
 
 TOL = 1e-4
-FAMILIES = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3")
-# bias="all": Qwen2's frozen q/k/v biases train too, so adapters and merged exports carry them
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")
+# bias="all": Qwen2's frozen q/k/v biases train too, GPT-2's linear and LayerNorm biases (as peft
+# marks every *.bias), so adapters and merged exports carry them
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
 
 
@@ -69,10 +71,15 @@ def adapted(family):
     tree = jax.tree.map(np.array, lora_lib.init_lora(jax.random.key(0), frozen, model.config, LORA))
     rng = np.random.default_rng(0)
     for modules in tree["layers"].values():
+        if lora_lib.is_norm_bias(modules):  # GPT-2's ln_1 / ln_2 biases
+            modules["bias"] = modules["bias"] + np.float32(0.1)
+            continue
         for adapter in modules.values():
             adapter["b"] = (0.05 * rng.standard_normal(adapter["b"].shape)).astype(np.float32)
             if "bias" in adapter:
                 adapter["bias"] = adapter["bias"] + np.float32(0.1)
+    if "norm" in tree:  # GPT-2's ln_f bias
+        tree["norm"]["bias"] = tree["norm"]["bias"] + np.float32(0.1)
     return tree
 
 
@@ -81,7 +88,8 @@ def test_config_and_frozen_tree_carry_the_family(family):
     cfg = model.config
     with open(f"{path}/config.json") as f:
         assert json.load(f)["model_type"] == family_config(name).model_type == cfg.model_type
-    attn, ref_attn = frozen["layers"]["self_attn"], ref.model.layers[1].self_attn
+    attn = frozen["layers"]["self_attn"]
+    ref_attn = ref.transformer.h[1].attn if name == "gpt2" else ref.model.layers[1].self_attn
     if name.startswith("gemma"):  # four norms per layer, weights as stored (the decoder adds 1)
         for norm in ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
             stored = getattr(ref.model.layers[1], norm).weight.detach()
@@ -108,6 +116,28 @@ def test_config_and_frozen_tree_carry_the_family(family):
             theirs = ref.model.rotary_emb(torch.zeros(1), torch.as_tensor(positions))
             for ours, ref_table in zip(cos_sin(cfg, positions, np.float32), theirs, strict=True):
                 assert rel_err(np.asarray(ours), ref_table.numpy()) < 1e-6
+    elif name == "gpt2":  # Conv1D (in, out) stored as (out, in); q|k|v fused; LayerNorm biases; wpe
+        ref_block = ref.transformer.h[1]
+        assert (
+            ref_attn is ref_block.attn
+            and cfg.fused_qkv
+            and cfg.norm_type == "layernorm"
+            and cfg.position_embedding == "learned"
+        )
+        assert sorted(attn) == ["c_attn", "c_proj"] and sorted(frozen["layers"]["mlp"]) == ["c_fc", "c_proj"]
+        np.testing.assert_array_equal(attn["c_attn"]["weight"][1], ref_block.attn.c_attn.weight.detach().T)
+        np.testing.assert_array_equal(attn["c_attn"]["bias"][1], ref_block.attn.c_attn.bias.detach())
+        ln_2 = frozen["layers"]["post_attention_layernorm"]
+        np.testing.assert_array_equal(ln_2["bias"][1], ref_block.ln_2.bias.detach())
+        np.testing.assert_array_equal(
+            frozen["embed_positions"]["weight"], ref.transformer.wpe.weight.detach()
+        )
+        np.testing.assert_array_equal(frozen["norm"]["bias"], ref.transformer.ln_f.bias.detach())
+        assert cfg.tie_word_embeddings and "lm_head" not in frozen
+        # openai-community/gpt2's own file was saved from GPT2Model: names without "transformer."
+        base_only = save(ref.transformer, f"{path}-base-model")
+        _, frozen_base = llama.from_pretrained(base_only, quantization=None, dtype="float32")
+        jax.tree.map(np.testing.assert_array_equal, frozen_base, frozen)
     else:  # explicit head_dim 64 (hidden / heads = 32), q/k norms of that size
         assert cfg.qk_norm and cfg.head_dim == 64 and "lm_head" in frozen
         assert all("bias" not in attn[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -132,13 +162,18 @@ def test_logits_match_transformers_with_padding_and_packing(family):
 def test_greedy_generation_matches_transformers(family):
     # Phi-3's rows pass LongRoPE's original length (16) while decoding: transformers then computes
     # the cache again with the long factors, and so do we
-    _, ref, _, model, frozen = family
+    name, ref, _, model, frozen = family
     prompts = [_tokens(1, 5, seed=3)[0].tolist(), _tokens(1, 9, seed=4)[0].tolist()]
     ours = generate(model, frozen, None, prompts, max_new_tokens=20)  # one left-padded batch, KV cache
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
             out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, pad_token_id=0)
         assert got == out[0, len(prompt) :].tolist()
+    if name == "gpt2":  # a position past the learned table stops before any compute
+        with pytest.raises(
+            ValueError, match=r"9 tokens\) \+ max_new_tokens=56 is past the model's 64 learned"
+        ):
+            generate(model, frozen, None, prompts, max_new_tokens=56)
 
 
 def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp_path):
@@ -176,14 +211,22 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
     assert rel_err(ours, hf_logits(merged.eval(), tokens)) < TOL
 
 
-GGUF_ARCHS = {"qwen2": "QWEN2", "qwen3": "QWEN3", "phi3": "PHI3", "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
+GGUF_ARCHS = {
+    "qwen2": "QWEN2",
+    "qwen3": "QWEN3",
+    "phi3": "PHI3",
+    "gemma2": "GEMMA2",
+    "gemma3_text": "GEMMA3",
+    "gpt2": "GPT2",
+}
 
 
 def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
-    """ref's float32 weights as llama.cpp's converter writes a Qwen, Phi-3 or Gemma GGUF: its
+    """ref's float32 weights as llama.cpp's converter writes a Qwen, Phi-3, Gemma or GPT-2 GGUF: its
     metadata keys, gguf's own tensor-name map (not ours), rows in HF order (llama.cpp permutes q/k
     of LLaMA only; Phi-3's fused attn_qkv and ffn_up keep HF's q|k|v and gate|up rows), Gemma's
-    norm weights stored as (1 + weight)."""
+    norm weights stored as (1 + weight); GPT-2's Conv1D weights transposed to (out, in) and its tied
+    head written out as output.weight."""
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHS[cfg.model_type])
@@ -194,7 +237,12 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
+    if cfg.model_type == "gpt2":
+        writer.add_layer_norm_eps(cfg.rms_norm_eps)
+    else:
+        writer.add_head_count_kv(cfg.num_kv_heads)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if cfg.model_type == "phi3":  # no head size key; LongRoPE's factors as tensors (Phi3MiniModel)
         rope = cfg.rope_scaling
         writer.add_rope_dimension_count(cfg.rotary_dim)
@@ -203,11 +251,9 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
         writer.add_rope_scaling_attn_factors(rope.attention_factor)
         writer.add_tensor("rope_factors_long.weight", np.asarray(rope.long_factor, np.float32))
         writer.add_tensor("rope_factors_short.weight", np.asarray(rope.short_factor, np.float32))
-    else:
+    elif cfg.model_type != "gpt2":
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if cfg.sandwich_norms:  # the per-layer pattern: 2 layers do not fit llama.cpp's fixed 1-in-6
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in cfg.layer_types])
@@ -218,7 +264,9 @@ def _write_gguf(path: str, ref: transformers.PreTrainedModel, cfg) -> str:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
     for name, tensor in ref.state_dict().items():
-        if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+        if cfg.model_type == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.T.contiguous()
+        if cfg.model_type == "gpt2" or not (cfg.tie_word_embeddings and name == "lm_head.weight"):
             values = tensor.numpy() + (1 if cfg.unit_offset_norms and name.endswith("norm.weight") else 0)
             writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), values)
     writer.write_header_to_file()
@@ -269,9 +317,9 @@ def test_sharded_forward_equals_one_device(family, adapted):
     assert rel_err(np.asarray(got), want) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "phi-3-mini", "gemma-3-12b"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "phi-3-mini", "gemma-3-12b", "gpt2"])
 def test_random_init_builds_the_preset_family_at_full_size(name):
-    # traced, not run (jax.eval_shape): the real 7B/8B tree and forward, no memory and no compile
+    # traced, not run (jax.eval_shape): the real 7B/8B/124M tree and forward, no memory and no compile
     model = llama.Llama(preset(name, dtype="bfloat16"))
     frozen = jax.eval_shape(lambda: llama.random_init(name, quantization="nf4", dtype="bfloat16")[1])
     cfg, attn = model.config, frozen["layers"]["self_attn"]
@@ -279,6 +327,18 @@ def test_random_init_builds_the_preset_family_at_full_size(name):
         qkv, gate_up = attn["qkv_proj"]["weight"], frozen["layers"]["mlp"]["gate_up_proj"]["weight"]
         assert isinstance(qkv, nf4.NF4Tensor) and qkv.shape == (3 * 3072, 3072) and "q_proj" not in attn
         assert isinstance(gate_up, nf4.NF4Tensor) and gate_up.shape == (2 * 8192, 3072)
+    elif name == "gpt2":  # q|k|v fused in c_attn; LayerNorm biases; the position table; tied head
+        assert isinstance(attn["c_attn"]["weight"], nf4.NF4Tensor) and attn["c_attn"]["weight"].shape == (
+            2304,
+            768,
+        )
+        assert attn["c_attn"]["bias"].shape == (12, 2304) and frozen["layers"]["mlp"]["c_fc"][
+            "bias"
+        ].shape == (12, 3072)
+        assert frozen["embed_positions"]["weight"].shape == (1024, 768) and frozen["norm"]["bias"].shape == (
+            768,
+        )
+        assert "lm_head" not in frozen and cfg.num_params == 124_439_808  # GPT2LMHeadModel's count
     else:
         q = attn["q_proj"]["weight"]
         assert isinstance(q, nf4.NF4Tensor) and q.shape == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
