@@ -102,6 +102,28 @@ def test_bad_input_is_named(make, match):
         make()
 
 
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(family="gpt2", fused_gate_up=True), r"^GPT-2's fields .* got fused_gate_up=True$"),
+        (dict(family="gpt2", sandwich_norms=True), r"^GPT-2's fields .* got sandwich_norms=True$"),
+        (dict(family="gpt2", partial_rotary_factor=0.5), r"^GPT-2's fields .* got partial_rotary_factor=0.5"),
+        (dict(family="gpt2", hidden_act="silu"), r"^hidden_act 'silu' of model_type 'gpt2' is not supported"),
+        (dict(family="gemma2", hidden_act="gelu_new"), r"^hidden_act 'gelu_new' of model_type 'gemma2'"),
+        (dict(family="phi3", hidden_act="gelu"), r"^hidden_act 'gelu' of model_type 'phi3' is not supported"),
+        (dict(family="phi3", sandwich_norms=True), r"^fused_gate_up with sandwich_norms matches no"),
+        (dict(family="gemma3", fused_qkv=True), r"^fused_qkv is Phi-3's .* alone it matches no"),
+        (dict(family="llama", hidden_act="swish"), r"^hidden_act 'swish' is not supported; valid: \("),
+    ],
+)
+def test_fields_of_different_families_together_are_refused_in_one_line(changes, match):
+    """Phi-3's, Gemma's and GPT-2's fields and activations do not mix: one line naming the clash."""
+    family = changes.pop("family")
+    with pytest.raises(ValueError, match=match) as err:
+        family_config(family, **changes)
+    assert "\n" not in str(err.value)
+
+
 def test_qwen_config_json_fields_as_transformers_reads_them():
     qwen2 = to_hf_config(family_config("qwen2")) | {"sliding_window": 131072, "max_window_layers": 28}
     assert from_hf_config(qwen2).sliding_window is None  # Qwen2.5's config.json: window off
