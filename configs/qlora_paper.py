@@ -1,6 +1,6 @@
 """The QLoRA paper's recipe (Dettmers et al. 2023, arXiv:2305.14314, Appendix B and the qlora repo's
 scripts/finetune_guanaco_*.sh), shared by the llama2_7b / llama3_8b / llama2_70b / qwen2_5_7b /
-qwen3_8b / phi3_mini recipe files.
+qwen3_8b / phi3_mini / gemma2_9b / gemma3_12b / gpt2 recipe files.
 
 model.path defaults to the preset's shape with random weights (benchmarks); point it at a HF
 directory of the real checkpoint to fine-tune it, and data.train_path at an instruction dataset.

@@ -92,28 +92,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         tree = frozen
         if args.merge:  # the adapters folded in once, then requantized layer by layer
             merged = hf_export.merged_weights(frozen, lora, "float32")
-            tree = hf_export.requantized(merged, quant)
+            tree = hf_export.requantized(model.config, merged, quant)
         try:
             info = hf_export.save_bnb4bit(args.out, model.config, tree, tokenizer, args.dtype)
         except ValueError as err:
             sys.exit(f"error: {err}")
         print(f"bnb-4bit model: {info['bytes'] / 2**20:.0f} MiB in {info['files']}")
         if args.merge:
-            print(
-                f"re-quantizing the merged linears to NF4 adds "
-                f"{hf_export.requantization_error(merged, quant.block_size):.4f} relative RMS error"
-            )
+            error = hf_export.requantization_error(model.config, merged, quant.block_size)
+            print(f"re-quantizing the merged linears to NF4 adds {error:.4f} relative RMS error")
     else:
         from qlora_jax.io import hf_export
 
         info = hf_export.save_merged(args.out, model.config, frozen, lora, tokenizer, args.dtype)
         print(f"merged model: {info['bytes'] / 2**20:.0f} MiB in {info['files']}")
         if args.requantize_error:
-            merged = hf_export.merged_weights(frozen, lora, "float32")
-            print(
-                f"re-quantizing the merged linears to NF4 adds {hf_export.requantization_error(merged):.4f} "
-                "relative RMS error"
+            error = hf_export.requantization_error(
+                model.config, hf_export.merged_weights(frozen, lora, "float32")
             )
+            print(f"re-quantizing the merged linears to NF4 adds {error:.4f} relative RMS error")
     print(f"wrote {args.format} export to {args.out}")
 
 

@@ -2,8 +2,10 @@
 
 The adapter tree mirrors the frozen tree's stacked layout. For each targeted projection:
   lora["layers"]["self_attn"]["q_proj"] = {"a": (L, in, r), "b": (L, r, out), "scale": (L,)}
-(+ "bias" (L, out) when biases train). `scale` is alpha/r (or alpha/sqrt(r) with rsLoRA) per
-layer: a constant carried with its adapter, never trained (`trainable_mask` excludes it). Layers
+(+ "bias" (L, out) when biases train; with bias="all" a LayerNorm's bias trains too, as in peft:
+lora["layers"]["input_layernorm"] = {"bias": (L, D)}, lora["norm"] = {"bias": (D,)}). `scale` is
+alpha/r (or alpha/sqrt(r) with rsLoRA) per layer: a constant carried with its adapter, never
+trained (`trainable_mask` excludes it). Layers
 left out by layers_to_transform, and ranks below the stack's largest (rank_pattern), are zero
 padding: A and B are zero there, so their gradients are exactly zero and they stay zero.
 """
@@ -22,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.frozen import has_bias, linear_shapes
+from qlora_jax.models.frozen import has_bias, hf_name, linear_shapes, tree_name
 from qlora_jax.models.linear import dense_weight
 from qlora_jax.quant.nf4 import NF4Tensor
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian")
 ALL_LINEAR = "all-linear"
-_LAYER_INDEX = re.compile(r".*\.layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")  # peft's default: the number after any "<name>."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +90,32 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     return None
 
 
+def decoder_prefix(cfg: LlamaConfig) -> str:
+    """Where peft finds the decoder layers: model.layers of a *ForCausalLM, or the text decoder of
+    a multimodal checkpoint (Gemma3ForConditionalGeneration's model.language_model.layers)."""
+    return "model.language_model." if cfg.text_of_multimodal else "model."
+
+
 def module_names(cfg: LlamaConfig) -> list[str]:
     """Every linear module of the model under the names peft sees in its *ForCausalLM (Phi-3's fused
-    qkv_proj and gate_up_proj are one module each; Qwen3's q_norm/k_norm are not linear, so
-    "all-linear" leaves them out as peft does)."""
-    names = [f"model.layers.{i}.{g}.{n}" for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
+    qkv_proj and gate_up_proj are one module each, GPT-2's transformer.h.N.attn.c_attn, ...; Qwen3's
+    q_norm/k_norm are not linear, so "all-linear" leaves them out as peft does), or in the multimodal
+    model whose text decoder it is."""
+    names = [module_name(cfg, i, g, n) for i in range(cfg.num_layers) for g, n in linear_shapes(cfg)]
     return names + ["lm_head"]
+
+
+def module_name(cfg: LlamaConfig, layer: int, group: str, proj: str) -> str:
+    """peft's name of the tree's module layers/group/proj of one layer."""
+    return peft_name(cfg, f"model.layers.{layer}.{group}.{proj}")
+
+
+def peft_name(cfg: LlamaConfig, name: str) -> str:
+    """peft's name of a tree module name "model.…": the family's HF name (GPT-2's
+    transformer.h.N.…), or the multimodal model's whose text decoder it is (decoder_prefix)."""
+    if cfg.text_of_multimodal:
+        return decoder_prefix(cfg) + name.removeprefix("model.")
+    return hf_name(cfg.model_type, name)
 
 
 def _is_target(cfg: LoraConfig, name: str) -> bool:
@@ -128,8 +150,9 @@ def targeted_modules(model_cfg: LlamaConfig, cfg: LoraConfig) -> list[str]:
     return matched
 
 
-def _split_name(name: str) -> tuple[int, str, str]:
-    _, _, layer, group, proj = name.split(".")
+def split_module_name(cfg: LlamaConfig, name: str) -> tuple[int, str, str]:
+    """(layer, group, proj) in the tree of a module name from module_names."""
+    *_, layer, group, proj = tree_name(cfg.model_type, name).split(".")
     return int(layer), group, proj
 
 
@@ -143,7 +166,7 @@ def init_lora(rng: jax.Array, frozen: Any, model_cfg: LlamaConfig, cfg: LoraConf
     shapes = linear_shapes(model_cfg)
     by_proj: dict[tuple[str, str], list[str]] = {}
     for name in targets:
-        _, group, proj = _split_name(name)
+        _, group, proj = split_module_name(model_cfg, name)
         by_proj.setdefault((group, proj), []).append(name)
     num_layers = model_cfg.num_layers
     tree: dict[str, Any] = {}
@@ -154,7 +177,7 @@ def init_lora(rng: jax.Array, frozen: Any, model_cfg: LlamaConfig, cfg: LoraConf
         b = np.zeros((num_layers, r_max, out_dim), np.float32)
         scale = np.zeros((num_layers,), np.float32)
         for name in names:
-            layer = _split_name(name)[0]
+            layer = split_module_name(model_cfg, name)[0]
             rank = cfg.rank_for(name)
             key = jax.random.fold_in(rng, zlib.crc32(name.encode()))
             if cfg.init == "gaussian":  # peft: normal(std=1/r) on A
@@ -166,14 +189,21 @@ def init_lora(rng: jax.Array, frozen: Any, model_cfg: LlamaConfig, cfg: LoraConf
             scale[layer] = cfg.scale_for(name)
         tree.setdefault(group, {})[proj] = {"a": a, "b": b, "scale": scale}
     _add_trainable_biases(tree, frozen, cfg)
-    return jax.device_put({"layers": tree})
+    lora = {"layers": tree}
+    if cfg.bias == "all" and "bias" in frozen["norm"]:  # the final LayerNorm's (GPT-2's ln_f)
+        lora["norm"] = {"bias": np.asarray(frozen["norm"]["bias"], np.float32)}
+    return jax.device_put(lora)
 
 
 def _add_trainable_biases(tree: dict[str, Any], frozen: Any, cfg: LoraConfig) -> None:
+    """Linear biases (bias="all": every one; "lora_only": the targeted modules'), and with "all"
+    the per-layer LayerNorm biases, as peft marks every parameter named *.bias trainable."""
     if cfg.bias == "none":
         return
     for group, modules in frozen["layers"].items():
-        if not isinstance(modules, dict) or "weight" in modules:
+        if "weight" in modules:  # a per-layer norm
+            if cfg.bias == "all" and "bias" in modules:
+                tree[group] = {"bias": np.asarray(modules["bias"], np.float32)}
             continue
         for proj, params in modules.items():
             if "bias" not in params:
@@ -182,6 +212,29 @@ def _add_trainable_biases(tree: dict[str, Any], frozen: Any, cfg: LoraConfig) ->
                 tree.setdefault(group, {}).setdefault(proj, {})["bias"] = np.asarray(
                     params["bias"], np.float32
                 )
+
+
+def is_norm_bias(node: Any) -> bool:
+    """Whether a node of the adapter tree is a norm's trained bias ({"bias": array}), not a group of
+    adapted projections."""
+    return "bias" in node and not isinstance(node["bias"], dict)
+
+
+def trained_biases(model_cfg: LlamaConfig, lora: Any) -> list[tuple[str, tuple[str, ...], int | None]]:
+    """(peft module name, path of its node in the adapter tree, layer or None) of every trained bias."""
+    out = []
+    for group, modules in lora["layers"].items():
+        if is_norm_bias(modules):
+            for layer in range(model_cfg.num_layers):
+                out.append((peft_name(model_cfg, f"model.layers.{layer}.{group}"), ("layers", group), layer))
+            continue
+        for proj, adapter in modules.items():
+            if "bias" in adapter:
+                for layer in range(model_cfg.num_layers):
+                    out.append((module_name(model_cfg, layer, group, proj), ("layers", group, proj), layer))
+    if "norm" in lora:
+        out.append((peft_name(model_cfg, "model.norm"), ("norm",), None))
+    return out
 
 
 def trainable_mask(lora: Any) -> Any:
@@ -199,13 +252,15 @@ def count_parameters(model_cfg: LlamaConfig, cfg: LoraConfig) -> tuple[int, int]
     targets = targeted_modules(model_cfg, cfg)
     adapters = 0
     for name in targets:
-        out_dim, in_dim = shapes[_split_name(name)[1:]]
+        out_dim, in_dim = shapes[split_module_name(model_cfg, name)[1:]]
         adapters += cfg.rank_for(name) * (in_dim + out_dim)
     biases = 0
     if cfg.bias != "none":
         candidates = targets if cfg.bias == "lora_only" else module_names(model_cfg)[:-1]
-        biased = [n for n in candidates if has_bias(model_cfg, *_split_name(n)[1:])]
-        biases = sum(shapes[_split_name(n)[1:]][0] for n in biased)
+        projs = [split_module_name(model_cfg, n)[1:] for n in candidates]
+        biases = sum(shapes[p][0] for p in projs if has_bias(model_cfg, *p))
+    if cfg.bias == "all" and model_cfg.norm_type == "layernorm":  # two per layer and the final one
+        biases += (2 * model_cfg.num_layers + 1) * model_cfg.hidden_size
     return adapters + biases, model_cfg.num_params + adapters
 
 
@@ -239,7 +294,14 @@ def unmerge(merged: Any, lora: Any, dtype: Any = None) -> Any:
 
 def _fold(frozen: Any, lora: Any, dtype: Any, sign: float) -> Any:
     out = jax.tree.map(lambda x: x, frozen, is_leaf=lambda x: isinstance(x, NF4Tensor))
+    if "norm" in lora and sign > 0:  # trained LayerNorm biases replace the frozen ones
+        out["norm"] = out["norm"] | {"bias": lora["norm"]["bias"].astype(out["norm"]["bias"].dtype)}
     for group, modules in lora["layers"].items():
+        if is_norm_bias(modules):
+            if sign > 0:
+                bias = modules["bias"].astype(out["layers"][group]["bias"].dtype)
+                out["layers"][group] = out["layers"][group] | {"bias": bias}
+            continue
         for proj, adapter in modules.items():
             params = dict(out["layers"][group][proj])
             if "a" in adapter:

@@ -35,9 +35,9 @@ ROWS = ("fsdp", "tensor")  # weight rows (output features) are split over both
 # Fused projections (Phi-3's qkv_proj, gate_up_proj) are split by rows like the rest: a cut may fall
 # inside q|k|v or gate|up, and XLA moves the activations the decoder's split needs.
 FROZEN_RULES: tuple[tuple[str, P], ...] = (
-    (r"_proj/weight$", P(ROWS, None)),
-    (r"_proj/bias$", P(ROWS)),
-    (r"^(embed_tokens|lm_head)/weight$", P(ROWS, None)),
+    (r"(_proj|/c_attn|/c_fc)/weight$", P(ROWS, None)),  # c_attn, c_fc, c_proj: GPT-2's
+    (r"(_proj|/c_attn|/c_fc)/bias$", P(ROWS)),
+    (r"^(embed_tokens|embed_positions|lm_head)/weight$", P(ROWS, None)),
     (r".*", P()),  # norms
 )
 # LoRA: a (in, r) split on in over fsdp, b (r, out) on out like the frozen rows it adds to.

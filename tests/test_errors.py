@@ -170,8 +170,9 @@ def _tiny_gguf(path, arch: str, norm: np.ndarray) -> str:
 
 
 def test_gguf_of_an_unsupported_architecture_names_the_file(tmp_path):
-    path = _tiny_gguf(tmp_path / "m.gguf", "gpt2", np.ones(64, np.float32))
-    message = f"{path}: GGUF architecture 'gpt2' is not supported; valid: llama, qwen2, qwen3"
+    path = _tiny_gguf(tmp_path / "m.gguf", "falcon", np.ones(64, np.float32))
+    valid = "llama, qwen2, qwen3, phi3, gemma2, gemma3, gpt2"
+    message = f"{path}: GGUF architecture 'falcon' is not supported; valid: {valid}"
     with pytest.raises(ValueError, match=re.escape(message)):
         hf.load_config(path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,15 +26,35 @@ def segment_mask(segment_ids_BxT: np.ndarray, window: int | None = None) -> torc
     return causal[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
 
 
+def model_attention_mask(
+    config: Any, segment_ids_BxT: np.ndarray, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The mask `config`'s model takes: segment_mask, or for a family with sliding-window layers
+    (Gemma) the per-layer-type masks its forward takes as prepared, windowed for sliding layers,
+    additive (0 / `dtype`'s min, the model's dtype) since its eager attention adds them to the scores."""
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return segment_mask(segment_ids_BxT, getattr(config, "sliding_window", None))
+    mask = segment_mask(segment_ids_BxT)
+    slots = torch.arange(mask.shape[-1])
+    window = slots[None, :] > slots[:, None] - config.sliding_window
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    return {"full_attention": additive(mask), "sliding_attention": additive(mask & window)}
+
+
 def loss_sum(peft_model, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, float]:
     """(summed token loss, loss tokens) of one (B, T) batch: float32 logits, as qlora_jax.train.loss."""
     causal_lm = peft_model.base_model.model
-    hidden = causal_lm.model(
+    hidden = causal_lm.base_model(
         input_ids=torch.as_tensor(batch["inputs"]).long(),
-        attention_mask=segment_mask(batch["segment_ids"], getattr(causal_lm.config, "sliding_window", None)),
+        attention_mask=model_attention_mask(causal_lm.config, batch["segment_ids"], causal_lm.dtype),
         position_ids=torch.as_tensor(batch["positions"]).long(),
     ).last_hidden_state
     logits = torch.nn.functional.linear(hidden.float(), causal_lm.lm_head.weight.float())
+    if (cap := getattr(causal_lm.config, "final_logit_softcapping", None)) is not None:  # Gemma 2
+        logits = cap * torch.tanh(logits / cap)
     token_loss = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), torch.as_tensor(batch["targets"]).long().flatten(), reduction="none"
     )

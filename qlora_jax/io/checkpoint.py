@@ -29,9 +29,22 @@ from qlora_jax.models.config import LlamaConfig
 LATER_FIELDS = {
     "qkv_bias": False,
     "qk_norm": False,
-    "fused_qkv": False,
-    "fused_gate_up": False,
+    "fused_qkv": False,  # Phi-3's and GPT-2's
+    "fused_gate_up": False,  # Phi-3's from here
     "partial_rotary_factor": 1.0,
+    "hidden_act": "silu",  # Gemma's and GPT-2's
+    "sandwich_norms": False,  # Gemma's from here
+    "unit_offset_norms": False,
+    "scale_embeddings": False,
+    "query_pre_attn_scalar": None,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "layer_types": None,
+    "rope_local_theta": None,
+    "text_of_multimodal": False,
+    "norm_type": "rmsnorm",  # GPT-2's from here
+    "position_embedding": "rope",
+    "gated_mlp": True,
 }
 LATER_ROPE_FIELDS = {"short_factor": (), "long_factor": (), "attention_factor": 1.0}  # longrope's
 

@@ -18,7 +18,7 @@ from qlora_jax import lora as lora_lib
 from qlora_jax.io import bnb4bit
 from qlora_jax.io.safetensors_stream import write
 from qlora_jax.models.config import LlamaConfig, to_hf_config
-from qlora_jax.models.frozen import Quantization, layer_norms, stored_linears
+from qlora_jax.models.frozen import Quantization, hf_name, is_conv1d, layer_norms, linear_shapes, norm_params
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize, quantize
 
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -45,10 +45,10 @@ def _requantization_sums(w: jax.Array, block_size: int) -> tuple[jax.Array, jax.
     return jnp.sum((back - w) ** 2), jnp.sum(w**2)
 
 
-def requantization_error(merged: dict[str, Any], block_size: int = 64) -> float:
+def requantization_error(cfg: LlamaConfig, merged: dict[str, Any], block_size: int = 64) -> float:
     """RMS error of re-quantizing the merged linears to NF4, relative to their RMS (what it adds)."""
     err = ref = 0.0
-    for group, name in stored_linears(merged["layers"]):
+    for group, name in linear_shapes(cfg):
         w = jnp.asarray(merged["layers"][group][name]["weight"], jnp.float32)
         for i in range(w.shape[0]):
             layer_err, layer_ref = _requantization_sums(w[i], block_size)
@@ -58,35 +58,42 @@ def requantization_error(merged: dict[str, Any], block_size: int = 64) -> float:
 
 
 def _hf_tensors(tree: dict[str, Any], cfg: LlamaConfig, dtype: str):
-    """(HF name, numpy tensor) of every weight, layer by layer: dense leaves in `dtype`, NF4
-    linears as the tensors bitsandbytes saves for them."""
+    """(HF name, numpy tensor) of every weight, layer by layer, under the family's names: dense
+    leaves in `dtype` (GPT-2's Conv1D weights as (in, out)), NF4 linears as the tensors
+    bitsandbytes saves for them."""
     store = STORE_DTYPES[dtype]
 
     def arr(x: Any) -> np.ndarray:
         return np.asarray(jnp.asarray(x, jnp.float32)).astype(store)
 
-    def weight(name: str, w: Any) -> dict[str, np.ndarray]:
+    def tensors(name: str, w: Any) -> dict[str, np.ndarray]:
+        """`name` in the tree's naming; a 4-bit weight is written as bitsandbytes quantized it, (out, in)."""
+        family_name = hf_name(cfg.model_type, name)
         if isinstance(w, NF4Tensor):
-            return bnb4bit.linear_tensors(name, w)
-        return {name: arr(w)}
+            return bnb4bit.linear_tensors(family_name, w)
+        return {family_name: np.ascontiguousarray(arr(w).T if is_conv1d(cfg.model_type, name) else arr(w))}
 
-    yield "model.embed_tokens.weight", arr(tree["embed_tokens"]["weight"])
+    yield from tensors("model.embed_tokens.weight", tree["embed_tokens"]["weight"]).items()
+    if cfg.position_embedding == "learned":
+        yield from tensors("model.embed_positions.weight", tree["embed_positions"]["weight"]).items()
     for i in range(cfg.num_layers):
         layer = {}
         for path in layer_norms(cfg):
             node = tree["layers"]
             for part in path:
                 node = node[part]
-            layer[f"model.layers.{i}.{'.'.join(path)}.weight"] = arr(node["weight"][i])
-        for group, name in stored_linears(tree["layers"]):
+            for param in norm_params(cfg):
+                layer |= tensors(f"model.layers.{i}.{'.'.join(path)}.{param}", node[param][i])
+        for group, name in linear_shapes(cfg):
             params = jax.tree.map(lambda x, i=i: x[i], tree["layers"][group][name])
-            layer |= weight(f"model.layers.{i}.{group}.{name}.weight", params["weight"])
+            layer |= tensors(f"model.layers.{i}.{group}.{name}.weight", params["weight"])
             if "bias" in params:
-                layer[f"model.layers.{i}.{group}.{name}.bias"] = arr(params["bias"])
+                layer |= tensors(f"model.layers.{i}.{group}.{name}.bias", params["bias"])
         yield from layer.items()
-    yield "model.norm.weight", arr(tree["norm"]["weight"])
+    for param in norm_params(cfg):
+        yield from tensors(f"model.norm.{param}", tree["norm"][param]).items()
     if not cfg.tie_word_embeddings:
-        yield from weight("lm_head.weight", tree["lm_head"]["weight"]).items()
+        yield from tensors("lm_head.weight", tree["lm_head"]["weight"]).items()
 
 
 def _write(
@@ -139,10 +146,10 @@ def save_merged(
     return _write(directory, _hf_tensors(merged, cfg, dtype), hf_config, tokenizer, shard_bytes)
 
 
-def requantized(merged: dict[str, Any], quant: Quantization) -> dict[str, Any]:
+def requantized(cfg: LlamaConfig, merged: dict[str, Any], quant: Quantization) -> dict[str, Any]:
     """The merged tree with every per-layer linear quantized again (layer by layer) as `quant`."""
     layers = {group: dict(modules) for group, modules in merged["layers"].items()}
-    for group, name in stored_linears(merged["layers"]):
+    for group, name in linear_shapes(cfg):
         params = dict(layers[group][name])
         w = jnp.asarray(params["weight"], jnp.float32)
         stacked = [
@@ -167,7 +174,7 @@ def save_bnb4bit(
     are in `tree`, dense tensors in `dtype` (also the compute dtype in the config)."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"bnb4bit dtype {dtype!r} unknown; valid: {sorted(STORE_DTYPES)}")
-    linears = [tree["layers"][group][name]["weight"] for group, name in stored_linears(tree["layers"])]
+    linears = [tree["layers"][group][name]["weight"] for group, name in linear_shapes(cfg)]
     if not all(isinstance(w, NF4Tensor) for w in linears):
         raise ValueError(
             "the base is not stored in 4 bits (quantization none): export --format merged instead"

@@ -1,4 +1,5 @@
-"""Attention masks (causal, padding, packed segments, KV cache) and positions derived from them."""
+"""Attention masks (causal, padding, packed segments, KV cache), positions derived from them, and
+Gemma's tanh soft-capping (of attention scores and of logits)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,39 @@ def cache_attention_mask(
     """(B, 1, T, S) bool mask for T new queries written at cache slots [write_index, write_index+T)."""
     causal_TxS = _causal(write_index + jnp.arange(length), jnp.arange(key_valid_BxS.shape[1]), window)
     return causal_TxS[None, None] & key_valid_BxS[:, None, None, :]
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's attention scores and final logits); x itself when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def softcapped_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    softcap: float,
+    scale: float | None = None,
+    is_causal: bool = False,
+    local_window_size: tuple[int, int] | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """jax.nn.dot_product_attention's XLA path (same arguments, grouped-query heads) with the
+    scores soft-capped before the mask, as transformers' Gemma 2 eager attention; softmax in float32."""
+    if implementation not in (None, "xla"):
+        raise ValueError(f"soft-capped attention runs on XLA only, not {implementation!r}")
+    batch, length, heads, head_dim = q_BxTxNxH.shape
+    kv_heads = k_BxSxKxH.shape[2]
+    q = q_BxTxNxH.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores = soft_cap(scores * (head_dim**-0.5 if scale is None else scale), softcap)
+    if mask is None and is_causal:
+        window = None if local_window_size is None else local_window_size[0] + 1
+        mask = _causal(jnp.arange(length), jnp.arange(k_BxSxKxH.shape[1]), window)[None, None]
+    if mask is not None:  # (B, 1, T, S): the same for every head
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(batch, length, heads, head_dim)

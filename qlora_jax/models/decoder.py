@@ -1,8 +1,11 @@
 """Flax LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, scanned layers.
 
 One decoder for every family: their differences are LlamaConfig fields read here and in the
-frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`; Phi-3's
-fused projections: `fused_qkv`, `fused_gate_up`, split here after one matmul each).
+frozen tree (biases: `has_bias`; Qwen3's q/k norms: `qk_norm`; Mistral's `sliding_window`; fused
+projections, split here after one matmul each: `fused_qkv` (Phi-3's qkv_proj, GPT-2's c_attn) and
+`fused_gate_up` (Phi-3); Gemma's `sandwich_norms`, `unit_offset_norms`, `scale_embeddings`, soft-caps,
+and per-layer windows and RoPE bases: `layer_types`, `rope_local_theta`, scanned as a per-layer flag;
+GPT-2's `norm_type`, `position_embedding`, `gated_mlp`; the MLP's `hidden_act`).
 
 Weights are not Flax params: the module reads them from two variable collections passed at
 apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
@@ -19,13 +22,23 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.models import attention
-from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.attention import softcapped_attention
+from qlora_jax.models.config import LlamaConfig, RopeScaling
+from qlora_jax.models.frozen import linear_names
 from qlora_jax.models.linear import Linear, dense_weight
 from qlora_jax.models.rope import apply_rope, cos_sin
 
+# the MLP's activation by LlamaConfig.hidden_act (config.HIDDEN_ACTS), as transformers' ACT2FN
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),  # Gemma's GeGLU
+    "gelu_new": functools.partial(nn.gelu, approximate=True),  # GPT-2: NewGELUActivation, the same tanh form
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
 LAYER_INPUT = "layer_input"  # checkpoint name of each layer's input (the residual stream)
 ATTENTION_RESIDUALS = "attention_residuals"  # what attention's backward needs besides q, k, v
 MATMUL_OPERANDS = "matmul_operands"  # normed inputs, q/k/v, gate/up and the MLP product
@@ -76,19 +89,40 @@ class KVCache(NamedTuple):
 
 
 class LayerContext(NamedTuple):
-    """What every layer shares: RoPE tables, the attention mask (None: causal) and cache slot."""
+    """What every layer shares: RoPE tables (None: no RoPE), the attention mask (None: causal)
+    and cache slot; with per-layer windows (layer_types) also the sliding layers' tables and mask
+    (None: the same)."""
 
-    cos: jax.Array
-    sin: jax.Array
+    cos: jax.Array | None
+    sin: jax.Array | None
     mask: jax.Array | None
     write_index: jax.Array | None
+    sliding_cos: jax.Array | None = None
+    sliding_sin: jax.Array | None = None
+    sliding_mask: jax.Array | None = None
+
+
+def _for_layer(ctx: LayerContext, is_sliding: jax.Array | None) -> LayerContext:
+    """The context of one layer: the sliding layers' RoPE tables and mask where is_sliding is set
+    (a scanned per-layer flag, so one compiled layer serves both kinds)."""
+    if is_sliding is None:
+        return ctx
+
+    def pick(sliding: jax.Array | None, full: jax.Array | None) -> jax.Array | None:
+        return full if sliding is None else jnp.where(is_sliding, sliding, full)
+
+    return ctx._replace(
+        cos=pick(ctx.sliding_cos, ctx.cos),
+        sin=pick(ctx.sliding_sin, ctx.sin),
+        mask=pick(ctx.sliding_mask, ctx.mask),
+    )
 
 
 def _window(cfg: LlamaConfig, mask: jax.Array | None) -> tuple[int, int] | None:
     """Sliding window for the mask-free causal path (explicit masks already carry the window)."""
-    if mask is not None or cfg.sliding_window is None:
+    if mask is not None or cfg.uniform_window is None:
         return None
-    return (cfg.sliding_window - 1, 0)
+    return (cfg.uniform_window - 1, 0)
 
 
 def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array | None) -> str:
@@ -97,7 +131,10 @@ def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array
     if cfg.attention_impl is not None:
         return cfg.attention_impl
     flash_ok = (
-        jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0
+        jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and cfg.head_dim <= 128
+        and cfg.head_dim % 8 == 0
+        and cfg.attn_logit_softcapping is None
     )
     return "cudnn" if jax.default_backend() == "gpu" and flash_ok and mask is None else "xla"
 
@@ -107,8 +144,13 @@ def _named_residual_attention(**static: Any) -> Any:
     """jax.nn.dot_product_attention(q, k, v, mask, **static) whose backward residuals, other than
     q, k and v themselves, carry the checkpoint name ATTENTION_RESIDUALS. A remat policy that keeps
     them (cuDNN: the output and the softmax log-sum-exp) runs no attention forward in backward; q,
-    k and v stay with the projections, which are cheap to recompute."""
-    attend = functools.partial(jax.nn.dot_product_attention, **static)
+    k and v stay with the projections, which are cheap to recompute. A `softcap` runs
+    softcapped_attention (Gemma 2) instead."""
+    softcap = static.pop("softcap", None)
+    if softcap is None:
+        attend = functools.partial(jax.nn.dot_product_attention, **static)
+    else:
+        attend = functools.partial(softcapped_attention, softcap=softcap, **static)
 
     @jax.custom_vjp
     def attention(q, k, v, mask):
@@ -134,7 +176,26 @@ def _named_residual_attention(**static: Any) -> Any:
 
 
 class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalize in float32, cast back, scale by the (frozen) weight."""
+    """HF LlamaRMSNorm: normalize in float32, cast back, scale by the (frozen) weight. With
+    unit_offset, Gemma's: scale by (1 + weight) in float32, then cast."""
+
+    eps: float
+    dtype: Any
+    unit_offset: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.get_variable("frozen", "weight")
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
+        return normed.astype(self.dtype) * weight.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch's LayerNorm (GPT-2): normalize, scale and shift in float32, cast back. A bias in the
+    adapter tree (peft's bias="all" trains it) replaces the frozen one."""
 
     eps: float
     dtype: Any
@@ -142,14 +203,26 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.get_variable("frozen", "weight")
+        bias = self.get_variable("lora", "bias")
+        if bias is None:
+            bias = self.get_variable("frozen", "bias")
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(self.dtype) * weight.astype(self.dtype)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def norm(cfg: LlamaConfig, name: str) -> nn.Module:
+    """The family's norm named as its frozen weight: LayerNorm (GPT-2), or RMSNorm with Gemma's
+    unit offset or without."""
+    if cfg.norm_type == "layernorm":
+        return LayerNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), name=name)
+    return RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), cfg.unit_offset_norms, name=name)
 
 
 def split_qkv(cfg: LlamaConfig, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A fused projection's (..., features) output cut into q, k and v, in that order (Phi-3's
-    qkv_proj): num_heads * head_dim features, then num_kv_heads * head_dim twice."""
+    qkv_proj, GPT-2's c_attn): num_heads * head_dim features, then num_kv_heads * head_dim twice."""
     q_end = cfg.num_heads * cfg.head_dim
     k_end = q_end + cfg.num_kv_heads * cfg.head_dim
     return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
@@ -163,21 +236,23 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = x.shape
+        names = linear_names(cfg)
 
-        def linear(name: str) -> Linear:
-            return Linear(dtype, self.lora_dropout, cfg.dequant_slices, name=name)
+        def linear(role: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, cfg.dequant_slices, name=names[role])
 
         if cfg.fused_qkv:
-            q, k, v = split_qkv(cfg, linear("qkv_proj")(x))
+            q, k, v = split_qkv(cfg, linear("qkv")(x))
         else:
-            q, k, v = linear("q_proj")(x), linear("k_proj")(x), linear("v_proj")(x)
+            q, k, v = linear("q")(x), linear("k")(x), linear("v")(x)
         q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:  # Qwen3: each head's q and k normalized over head_dim, before RoPE
-            q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: each head's q and k normalized over head_dim, before RoPE
+            q = norm(cfg, "q_norm")(q)
+            k = norm(cfg, "k_norm")(k)
+        if ctx.cos is not None:  # no RoPE with learned positions (GPT-2)
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = (checkpoint_name(t, MATMUL_OPERANDS) for t in (q, k, v))
         if layer_cache is not None:
             start = (0, ctx.write_index, 0, 0)
@@ -188,34 +263,42 @@ class Attention(nn.Module):
             is_causal=ctx.mask is None,
             local_window_size=_window(cfg, ctx.mask),
             implementation=attention_implementation(cfg, q.dtype, ctx.mask),
+            scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5,
+            softcap=cfg.attn_logit_softcapping,
         )
         out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
-        out = linear("o_proj")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
+        out = linear("o")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
         return out, layer_cache
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); with fused_gate_up one gate_up_proj whose output halves
-    are gate, then up (Phi-3). Called as (carry, x) -> (carry, y) so that the same
-    module (and its variable paths) can be scanned over sequence tiles (DecoderLayer)."""
+    """SwiGLU: down(act(gate(x)) * up(x)), the activation from ACTIVATIONS by hidden_act (silu;
+    Gemma's GeGLU: gelu_pytorch_tanh); with fused_gate_up one gate_up_proj whose output halves are
+    gate, then up (Phi-3); without gated_mlp down(act(up(x))) (GPT-2's c_fc, c_proj). Called as
+    (carry, x) -> (carry, y) so that the same module (and its variable paths) can be scanned over
+    sequence tiles (DecoderLayer)."""
 
     cfg: LlamaConfig
     lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
-        dtype = jnp.dtype(self.cfg.dtype)
+        dtype, names = jnp.dtype(self.cfg.dtype), linear_names(self.cfg)
+        act = ACTIVATIONS[self.cfg.hidden_act]
 
-        def linear(name: str) -> Linear:
-            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=name)
+        def linear(role: str) -> Linear:
+            return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=names[role])
 
+        if not self.cfg.gated_mlp:
+            up = checkpoint_name(linear("up")(x), MATMUL_OPERANDS)
+            return carry, linear("down")(checkpoint_name(act(up), MATMUL_OPERANDS))
         if self.cfg.fused_gate_up:
-            gate, up = jnp.split(linear("gate_up_proj")(x), 2, axis=-1)
+            gate, up = jnp.split(linear("gate_up")(x), 2, axis=-1)
         else:
-            gate, up = linear("gate_proj")(x), linear("up_proj")(x)
+            gate, up = linear("gate")(x), linear("up")(x)
         gate, up = checkpoint_name(gate, MATMUL_OPERANDS), checkpoint_name(up, MATMUL_OPERANDS)
-        product = checkpoint_name(nn.silu(gate) * up, MATMUL_OPERANDS)
-        return carry, linear("down_proj")(product)
+        product = checkpoint_name(act(gate) * up, MATMUL_OPERANDS)
+        return carry, linear("down")(product)
 
 
 def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:
@@ -232,31 +315,43 @@ def _untile(y_NxBxtxD: jax.Array, length: int) -> jax.Array:
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; with sandwich_norms (Gemma) each block's output is
+    normed too, and the MLP's input norm is pre_feedforward_layernorm."""
+
     cfg: LlamaConfig
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext):
-        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    def __call__(
+        self, x: jax.Array, layer_cache: tuple | None, ctx: LayerContext, is_sliding: jax.Array | None
+    ):
+        cfg = self.cfg
+        ctx = _for_layer(ctx, is_sliding)
         x = checkpoint_name(x, LAYER_INPUT)
-        normed = checkpoint_name(RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x), MATMUL_OPERANDS)
+        normed = checkpoint_name(norm(cfg, "input_layernorm")(x), MATMUL_OPERANDS)
         h, layer_cache = Attention(cfg, self.lora_dropout, name="self_attn")(normed, layer_cache, ctx)
+        if cfg.sandwich_norms:
+            h = norm(cfg, "post_attention_layernorm")(h)
         x = x + h
-        normed = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
-        normed = checkpoint_name(normed, MATMUL_OPERANDS)
+        mlp_norm = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+        normed = checkpoint_name(norm(cfg, mlp_norm)(x), MATMUL_OPERANDS)
         tile = cfg.seq_tile
         if not tile or x.shape[1] <= tile:
-            return x + MLP(cfg, self.lora_dropout, name="mlp")(None, normed)[1], layer_cache
-        # Sequence-tiled MLP: each tile recomputed in its own backward, so only one tile's
-        # (tile, intermediate) activations are ever live; the weights are shared by every tile.
-        tiled_mlp = nn.scan(
-            nn.remat(MLP, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False),
-            variable_broadcast=["frozen", "lora"],
-            split_rngs={"dropout": True},
-            length=-(-x.shape[1] // tile),
-        )
-        _, y = tiled_mlp(cfg, self.lora_dropout, name="mlp")(None, _tiles(normed, tile))
-        return x + _untile(y, x.shape[1]), layer_cache
+            y = MLP(cfg, self.lora_dropout, name="mlp")(None, normed)[1]
+        else:
+            # Sequence-tiled MLP: each tile recomputed in its own backward, so only one tile's
+            # (tile, intermediate) activations are ever live; the weights are shared by every tile.
+            tiled_mlp = nn.scan(
+                nn.remat(MLP, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False),
+                variable_broadcast=["frozen", "lora"],
+                split_rngs={"dropout": True},
+                length=-(-x.shape[1] // tile),
+            )
+            _, y = tiled_mlp(cfg, self.lora_dropout, name="mlp")(None, _tiles(normed, tile))
+            y = _untile(y, x.shape[1])
+        if cfg.sandwich_norms:
+            y = norm(cfg, "post_feedforward_layernorm")(y)
+        return x + y, layer_cache
 
 
 class Decoder(nn.Module):
@@ -266,12 +361,27 @@ class Decoder(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index):
+    def __call__(self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index, sliding_mask=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         embed_VxD = self.get_variable("frozen", "embed_tokens")["weight"]
-        x = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(dtype)
-        cos, sin = cos_sin(cfg, positions_BxT, dtype)
-        ctx = LayerContext(cos, sin, ctx_mask, write_index)
+        x = jnp.take(embed_VxD, tokens_BxT, axis=0)
+        if cfg.scale_embeddings:  # Gemma: sqrt(hidden) as float32, rounded to the table's dtype (as HF)
+            x = x * jnp.asarray(np.float32(cfg.hidden_size**0.5)).astype(embed_VxD.dtype)
+        x = x.astype(dtype)
+        if cfg.position_embedding == "learned":  # GPT-2: a table row per position, no RoPE
+            table_PxD = self.get_variable("frozen", "embed_positions")["weight"]
+            x = x + jnp.take(table_PxD, positions_BxT, axis=0).astype(dtype)
+            cos = sin = None
+        else:
+            cos, sin = cos_sin(cfg, positions_BxT, dtype)
+        ctx = LayerContext(cos, sin, ctx_mask, write_index, sliding_mask=sliding_mask)
+        is_sliding = None
+        if cfg.layer_types is not None:
+            is_sliding = jnp.asarray([kind == "sliding_attention" for kind in cfg.layer_types])
+        if cfg.rope_local_theta is not None:  # Gemma 3: the sliding layers' own RoPE base, unscaled
+            local = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=RopeScaling())
+            sliding_cos, sliding_sin = cos_sin(local, positions_BxT, dtype)
+            ctx = ctx._replace(sliding_cos=sliding_cos, sliding_sin=sliding_sin)
         layer = DecoderLayer
         policy = remat_policy_name(cfg.remat_policy, tokens_BxT.shape[1])
         if policy != "none":
@@ -280,12 +390,12 @@ class Decoder(nn.Module):
             layer,
             variable_axes={"frozen": 0, "lora": 0},
             split_rngs={"dropout": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, 0),
             length=cfg.num_layers,
             unroll=1 if cfg.scan_layers else cfg.num_layers,
         )(cfg, self.lora_dropout, name="layers")
-        x, cache_kv = layers(x, cache_kv, ctx)
-        return RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x), cache_kv
+        x, cache_kv = layers(x, cache_kv, ctx, is_sliding)
+        return norm(cfg, "norm")(x), cache_kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,11 +428,19 @@ class Llama:
         adapter dropout at rate `lora_dropout` (peft's lora_dropout). return_hidden gives the
         final normalized hidden states instead of logits (for a chunked loss).
         """
+        cfg = self.config
         tokens_BxT = jnp.asarray(tokens_BxT)
         length = tokens_BxT.shape[1]
+        per_layer = cfg.layer_types is not None  # per-layer windows: explicit masks of both kinds
+        sliding_mask = None
         if cache is None:
-            window = self.config.sliding_window
-            mask = attention.self_attention_mask(attention_mask, segment_ids, length, window)
+            if per_layer and attention_mask is None and segment_ids is None:
+                attention_mask = jnp.ones(tokens_BxT.shape, bool)
+            mask = attention.self_attention_mask(attention_mask, segment_ids, length, cfg.uniform_window)
+            if per_layer:
+                sliding_mask = attention.self_attention_mask(
+                    attention_mask, segment_ids, length, cfg.sliding_window
+                )
             if positions is None:
                 positions = self._default_positions(tokens_BxT, attention_mask, segment_ids)
             cache_kv = write_index = None
@@ -333,7 +451,9 @@ class Llama:
                 jnp.ones(tokens_BxT.shape, bool) if attention_mask is None else attention_mask.astype(bool)
             )
             valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, cache.index))
-            mask = attention.cache_attention_mask(valid, cache.index, length, self.config.sliding_window)
+            mask = attention.cache_attention_mask(valid, cache.index, length, cfg.uniform_window)
+            if per_layer:
+                sliding_mask = attention.cache_attention_mask(valid, cache.index, length, cfg.sliding_window)
             if positions is None:
                 positions = attention.padded_positions(new_valid, cache.next_position)
             cache_kv, write_index = (cache.k, cache.v), cache.index
@@ -345,6 +465,7 @@ class Llama:
             mask,
             cache_kv,
             write_index,
+            sliding_mask,
             rngs=None if rng is None else {"dropout": rng},
         )
         out = hidden if return_hidden else self.logits(frozen, hidden)
@@ -360,9 +481,11 @@ class Llama:
         return out, new_cache
 
     def logits(self, frozen: Any, hidden_BxTxD: jax.Array) -> jax.Array:
-        """float32 logits from final hidden states (tied head uses the embedding)."""
+        """float32 logits from final hidden states (tied head uses the embedding), soft-capped
+        when the family caps them (Gemma 2's final_logit_softcapping)."""
         w_VxD = dense_weight(self.head_weight(frozen), hidden_BxTxD.dtype)
-        return jnp.einsum("btd,vd->btv", hidden_BxTxD, w_VxD, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, w_VxD, preferred_element_type=jnp.float32)
+        return attention.soft_cap(logits, self.config.final_logit_softcapping)
 
     def head_weight(self, frozen: Any):
         """The (vocab, hidden) output projection: lm_head, or the embedding when tied."""

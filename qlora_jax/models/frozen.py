@@ -1,11 +1,16 @@
 """Build the frozen tree (base weights, linears quantized) layer by layer from any tensor source.
 
-The tree mirrors HF names with layers stacked on axis 0:
+The tree mirrors HF LLaMA names with layers stacked on axis 0:
   {"embed_tokens": {"weight"}, "layers": {"input_layernorm": {"weight"}, "self_attn": {"q_proj":
-  {"weight", "bias"?}, ..., "q_norm"/"k_norm": {"weight"} (Qwen3 only)}, "post_attention_layernorm":
-  {...}, "mlp": {...}}, "norm": {"weight"}, "lm_head": {"weight"} (untied only)}
-Phi-3 keeps its fused projections as stored: "qkv_proj" for q/k/v, "gate_up_proj" for gate/up.
-Linear weights keep PyTorch's (out, in) order, as NF4Tensor or dense arrays; norms are float32.
+  {"weight", "bias"?}, ..., "q_norm"/"k_norm": {"weight"} (Qwen3, Gemma 3)}, "post_attention_layernorm":
+  {...}, "pre_feedforward_layernorm"/"post_feedforward_layernorm" (Gemma), "mlp": {...}}, "norm":
+  {"weight"}, "lm_head": {"weight"} (untied only)}
+Projections carry their family's HF module name (`linear_names`: Phi-3's fused qkv_proj and
+gate_up_proj kept as stored, GPT-2's self_attn.c_attn, mlp.c_fc, ...); GPT-2 adds "embed_positions"
+and a "bias" beside every norm weight. `hf_name` maps a tree name to the family's own HF tensor name
+(GPT-2: transformer.h.N.attn.c_attn.weight). `linear_shapes(cfg)` lists a model's projections.
+Linear weights keep PyTorch's (out, in) order, as NF4Tensor or dense arrays (GPT-2's Conv1D (in, out)
+weights are transposed on the way in and out); norms are float32.
 """
 
 from __future__ import annotations
@@ -22,13 +27,34 @@ import numpy as np
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.quant import nf4
 
-# Every per-layer projection of any family; a model has those linear_shapes(cfg) names.
-LINEARS = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "gate_up_proj", "down_proj"),
+# HF module name of each projection role, in the attention (q k v or fused qkv, o) and the MLP
+# (gate up or fused gate_up, down)
+LLAMA_LINEARS = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "qkv": "qkv_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "gate_up": "gate_up_proj",
+    "down": "down_proj",
+}
+GPT2_LINEARS = {"qkv": "c_attn", "o": "c_proj", "up": "c_fc", "down": "c_proj"}
+# GPT-2's HF names, dotted part by dotted part, for the tree's LLaMA-style names
+GPT2_NAME_PARTS = {
+    "model": "transformer",
+    "layers": "h",
+    "self_attn": "attn",
+    "input_layernorm": "ln_1",
+    "post_attention_layernorm": "ln_2",
+    "embed_tokens": "wte",
+    "embed_positions": "wpe",
+    "norm": "ln_f",
 }
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
-QK_NORMS = ("q_norm", "k_norm")  # inside self_attn, with qk_norm (Qwen3)
+QK_NORMS = ("q_norm", "k_norm")  # inside self_attn, with qk_norm (Qwen3, Gemma 3)
+SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # with sandwich_norms (Gemma)
 QUANTIZATIONS = ("nf4", "fp4", None)
 
 
@@ -46,47 +72,75 @@ class Quantization:
             raise ValueError(f"quantization {self.quant_type!r} unknown; valid: {QUANTIZATIONS}")
 
 
-def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
-    """(out, in) of every per-layer projection, keyed by (group, name); fused ones (Phi-3) stack
-    their parts' output rows."""
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    if cfg.fused_qkv:
-        attention = {("self_attn", "qkv_proj"): ((cfg.num_heads + 2 * cfg.num_kv_heads) * h, d)}
-    else:
-        attention = {
-            ("self_attn", "q_proj"): (cfg.num_heads * h, d),
-            ("self_attn", "k_proj"): (cfg.num_kv_heads * h, d),
-            ("self_attn", "v_proj"): (cfg.num_kv_heads * h, d),
-        }
-    if cfg.fused_gate_up:
-        gate_up = {("mlp", "gate_up_proj"): (2 * f, d)}
-    else:
-        gate_up = {("mlp", "gate_proj"): (f, d), ("mlp", "up_proj"): (f, d)}
+def linear_names(cfg: LlamaConfig) -> dict[str, str]:
+    """The module name of each projection role in cfg's family (GPT-2's Conv1D names, else LLaMA's)."""
+    return GPT2_LINEARS if cfg.model_type == "gpt2" else LLAMA_LINEARS
+
+
+def hf_name(model_type: str, name: str) -> str:
+    """The family's HF name of a tree name (module or tensor), e.g. GPT-2's transformer.h.3.attn.c_attn
+    for model.layers.3.self_attn.c_attn; other families name theirs as the tree does."""
+    if model_type != "gpt2":
+        return name
+    return ".".join(GPT2_NAME_PARTS.get(part, part) for part in name.split("."))
+
+
+def tree_name(model_type: str, name: str) -> str:
+    """The inverse of hf_name: the tree's name of a family's HF module or tensor name."""
+    if model_type != "gpt2":
+        return name
+    ours = {hf: part for part, hf in GPT2_NAME_PARTS.items()}
+    return ".".join(ours.get(part, part) for part in name.split("."))
+
+
+def is_conv1d(model_type: str, name: str) -> bool:
+    """Whether HF stores this tree tensor as a transformers Conv1D weight, (in, out) (GPT-2's linears)."""
     return (
-        attention
-        | {("self_attn", "o_proj"): (d, cfg.num_heads * h)}
-        | gate_up
-        | {("mlp", "down_proj"): (d, f)}
+        model_type == "gpt2"
+        and ".layers." in name
+        and name.endswith(tuple(f"{n}.weight" for n in GPT2_LINEARS.values()))
     )
 
 
-def stored_linears(layers: Any) -> list[tuple[str, str]]:
-    """(group, name) of every projection a frozen or merged tree's "layers" holds, in LINEARS order."""
-    return [
-        (group, name) for group, names in LINEARS.items() for name in names if name in layers.get(group, {})
-    ]
+def linear_shapes(cfg: LlamaConfig) -> dict[tuple[str, str], tuple[int, int]]:
+    """(out, in) of every per-layer projection, keyed by (group, name); a fused q|k|v (Phi-3,
+    GPT-2) or gate|up (Phi-3) is one, stacking its parts' output rows."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
+    names = linear_names(cfg)
+    if cfg.fused_qkv:
+        attn = {("self_attn", names["qkv"]): (q + 2 * kv, d)}
+    else:
+        attn = {
+            ("self_attn", names["q"]): (q, d),
+            ("self_attn", names["k"]): (kv, d),
+            ("self_attn", names["v"]): (kv, d),
+        }
+    if cfg.fused_gate_up:
+        up = {("mlp", names["gate_up"]): (2 * f, d)}
+    else:
+        gate = {("mlp", names["gate"]): (f, d)} if cfg.gated_mlp else {}
+        up = gate | {("mlp", names["up"]): (f, d)}
+    return attn | {("self_attn", names["o"]): (d, q)} | up | {("mlp", names["down"]): (d, f)}
 
 
 def has_bias(cfg: LlamaConfig, group: str, name: str) -> bool:
-    """attention_bias covers q/k/v/o, qkv_bias (Qwen2) q/k/v, mlp_bias gate/up/down."""
+    """attention_bias covers q/k/v/o (GPT-2: c_attn, c_proj), qkv_bias (Qwen2) q/k/v, mlp_bias
+    gate/up/down (GPT-2: c_fc, c_proj)."""
     if group == "mlp":
         return cfg.mlp_bias
-    return cfg.attention_bias or (cfg.qkv_bias and name != "o_proj")
+    return cfg.attention_bias or (cfg.qkv_bias and name != linear_names(cfg)["o"])
+
+
+def norm_params(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The tensors of every decoder norm: RMSNorm's weight, LayerNorm's weight and bias."""
+    return ("weight", "bias") if cfg.norm_type == "layernorm" else ("weight",)
 
 
 def layer_norms(cfg: LlamaConfig) -> dict[tuple[str, ...], int]:
-    """Every per-layer RMSNorm weight, keyed by its module path in a layer, with its size."""
-    norms = {(name,): cfg.hidden_size for name in LAYER_NORMS}
+    """Every per-layer norm, keyed by its module path in a layer, with its size."""
+    names = LAYER_NORMS + (SANDWICH_NORMS if cfg.sandwich_norms else ())
+    norms = {(name,): cfg.hidden_size for name in names}
     if cfg.qk_norm:
         norms |= {("self_attn", name): cfg.head_dim for name in QK_NORMS}
     return norms
@@ -151,9 +205,10 @@ def build_frozen(
 ) -> dict[str, Any]:
     """The frozen tree on host, layer by layer: only one layer's unquantized weights exist at a time.
 
-    read(name) returns the tensor with its HF *ForCausalLM name (the same in every family), e.g.
-    "model.layers.3.self_attn.q_proj.weight", as a numpy array (or an NF4Tensor when the
-    checkpoint stores that weight in 4 bits).
+    read(name) returns the tensor under its tree name (a LLaMA *ForCausalLM name, e.g.
+    "model.layers.3.self_attn.q_proj.weight"; the source maps it to its own names, `hf_name`) in
+    (out, in) order for linears, as a numpy array (or an NF4Tensor when the checkpoint stores that
+    weight in 4 bits).
     """
     stacks: dict[tuple[str, ...], _LayerStack] = {}
 
@@ -163,8 +218,9 @@ def build_frozen(
 
     for i in range(cfg.num_layers):
         for path in layer_norms(cfg):
-            weight = read(f"model.layers.{i}.{'.'.join(path)}.weight")
-            put((*path, "weight"), i, np.asarray(weight, np.float32))
+            for param in norm_params(cfg):
+                tensor = read(f"model.layers.{i}.{'.'.join(path)}.{param}")
+                put((*path, param), i, np.asarray(tensor, np.float32))
         for (group, name), (out_dim, in_dim) in linear_shapes(cfg).items():
             w = read(f"model.layers.{i}.{group}.{name}.weight")
             _check_stored_quantization(f"model.layers.{i}.{group}.{name}.weight", w, quant)
@@ -189,8 +245,11 @@ def build_frozen(
     frozen = {
         "embed_tokens": {"weight": np.asarray(read("model.embed_tokens.weight")).astype(jnp.dtype(dtype))},
         "layers": layers,
-        "norm": {"weight": np.asarray(read("model.norm.weight"), np.float32)},
+        "norm": {p: np.asarray(read(f"model.norm.{p}"), np.float32) for p in norm_params(cfg)},
     }
+    if cfg.position_embedding == "learned":
+        table = np.asarray(read("model.embed_positions.weight")).astype(jnp.dtype(dtype))
+        frozen["embed_positions"] = {"weight": table}
     if not cfg.tie_word_embeddings:
         head = read("lm_head.weight")
         _check_stored_quantization("lm_head.weight", head, quant)
@@ -246,9 +305,15 @@ def random_init(
         k_embed, k_head, k_layers = jax.random.split(key, 3)
         embed = _random_table(k_embed, (cfg.vocab_size, cfg.hidden_size), dtype, std)
         layers: dict[str, Any] = {}
+        identity = 0.0 if cfg.unit_offset_norms else 1.0  # the norm weight that scales by 1
+
+        def norm(*shape: int) -> dict[str, jax.Array]:
+            weight = {"weight": jnp.full(shape, identity, jnp.float32)}
+            return weight | ({"bias": jnp.zeros(shape, jnp.float32)} if "bias" in norm_params(cfg) else {})
+
         for (*groups, name), size in layer_norms(cfg).items():
             node = layers.setdefault(groups[0], {}) if groups else layers
-            node[name] = {"weight": jnp.ones((cfg.num_layers, size), jnp.float32)}
+            node[name] = norm(cfg.num_layers, size)
         for key_i, ((group, name), shape) in zip(
             jax.random.split(k_layers, len(shapes)), shapes.items(), strict=True
         ):
@@ -256,11 +321,11 @@ def random_init(
             if has_bias(cfg, group, name):
                 entry["bias"] = jnp.zeros((cfg.num_layers, shape[0]), dtype)
             layers.setdefault(group, {})[name] = entry
-        frozen = {
-            "embed_tokens": {"weight": embed},
-            "layers": layers,
-            "norm": {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)},
-        }
+        frozen = {"embed_tokens": {"weight": embed}, "layers": layers, "norm": norm(cfg.hidden_size)}
+        if cfg.position_embedding == "learned":
+            shape = (cfg.max_position_embeddings, cfg.hidden_size)
+            table = _random_table(jax.random.fold_in(key, 3), shape, dtype, std)
+            frozen["embed_positions"] = {"weight": table}
         if not cfg.tie_word_embeddings:
             head = _random_table(k_head, (cfg.vocab_size, cfg.hidden_size), dtype, std)
             head_quant = quant if quant.lm_head else Quantization(None)

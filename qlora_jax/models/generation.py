@@ -99,6 +99,12 @@ def generate(
     eos_ids = tuple(model.config.eos_token_ids if eos_ids is None else eos_ids)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else (eos_ids or (0,))[0]
     longest = max(len(p) for p in prompts)
+    limit = model.config.max_position_embeddings
+    if model.config.position_embedding == "learned" and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} is past the model's "
+            f"{limit} learned positions (max_position_embeddings); valid: at most {limit} tokens in all"
+        )
     width = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_jax.models.config import LlamaConfig, RopeScaling
+from qlora_jax.models.config import GPT2_FIELDS, LlamaConfig, RopeScaling
 
 _LLAMA3_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+_GEMMA = dict(sandwich_norms=True, unit_offset_norms=True, scale_embeddings=True)
 
 PRESETS: dict[str, LlamaConfig] = {
     "smollm2-135m": LlamaConfig(
@@ -167,6 +168,67 @@ PRESETS: dict[str, LlamaConfig] = {
         bos_token_id=1,
         eos_token_ids=(32000,),
         pad_token_id=32000,
+    ),
+    "gemma-2-9b": LlamaConfig(
+        vocab_size=256000,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_layers=42,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        hidden_act="gelu_pytorch_tanh",
+        **_GEMMA,
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        layer_types=("sliding_attention", "full_attention") * 21,
+        sliding_window=4096,
+        bos_token_id=2,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+    ),
+    # the text decoder of gemma-3-12b-pt / -it (the 0.4B vision tower is not loaded)
+    "gemma-3-12b": LlamaConfig(
+        vocab_size=262208,
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_layers=48,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        rope_scaling=RopeScaling("linear", 8.0),
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        hidden_act="gelu_pytorch_tanh",
+        **_GEMMA,
+        qk_norm=True,
+        query_pre_attn_scalar=256,
+        layer_types=(("sliding_attention",) * 5 + ("full_attention",)) * 8,
+        sliding_window=1024,
+        rope_local_theta=10000.0,
+        bos_token_id=2,
+        eos_token_ids=(1, 106),
+        pad_token_id=0,
+    ),
+    "gpt2": LlamaConfig(  # GPT-2 small (124M), openai-community/gpt2
+        vocab_size=50257,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        hidden_act="gelu_new",
+        bos_token_id=50256,
+        eos_token_ids=(50256,),
+        **GPT2_FIELDS,
     ),
 }
 

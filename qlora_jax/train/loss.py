@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qlora_jax.models.attention import soft_cap
+
 
 def chunked_cross_entropy(
     hidden_BxTxD: jax.Array,
@@ -17,8 +19,10 @@ def chunked_cross_entropy(
     targets_BxT: jax.Array,
     mask_BxT: jax.Array,
     chunk_size: int = 1024,
+    logit_softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, number of loss tokens), both float32; mean = sum / count."""
+    """(sum of token losses, number of loss tokens), both float32; mean = sum / count. Logits are
+    soft-capped by `logit_softcap` first (Gemma 2's final_logit_softcapping), as the model's are."""
     d = hidden_BxTxD.shape[-1]
     hidden_NxD = hidden_BxTxD.reshape(-1, d)
     targets_N = targets_BxT.reshape(-1).astype(jnp.int32)
@@ -33,6 +37,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def chunk_loss(h_CxD, t_C, m_C):
         logits_CxV = jnp.einsum("cd,vd->cv", h_CxD, w_VxD, preferred_element_type=jnp.float32)
+        logits_CxV = soft_cap(logits_CxV, logit_softcap)
         lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
         target_C = jnp.take_along_axis(logits_CxV, t_C[:, None], axis=-1)[:, 0]
         return jnp.sum((lse_C - target_C) * m_C)

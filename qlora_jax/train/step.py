@@ -48,7 +48,9 @@ def loss_sum(
         return_hidden=True,
     )
     head = dense_weight(model.head_weight(frozen), hidden.dtype)
-    return chunked_cross_entropy(hidden, head, batch["targets"], batch["loss_mask"], chunk_size)
+    return chunked_cross_entropy(
+        hidden, head, batch["targets"], batch["loss_mask"], chunk_size, model.config.final_logit_softcapping
+    )
 
 
 def mean_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulation_steps: int, chunk_size: int):

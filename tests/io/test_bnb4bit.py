@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from qlora_jax.io import hf_export
 from qlora_jax.models import llama
+from qlora_jax.models.frozen import Quantization, linear_shapes
 from tests.conftest import run_cli, tiny_run_overrides, train_command
 from tests.models.hf_reference import family_config, hf_logits, hf_model, rel_err, save, small_config
 
@@ -103,20 +104,37 @@ def test_our_quantization_written_as_bnb4bit_dequantizes_in_bitsandbytes_to_our_
 
 @pytest.mark.parametrize(
     "family, quant_type, double_quant",
-    [("qwen2", "nf4", True), ("qwen3", "fp4", False), ("phi3", "nf4", True)],
+    [
+        ("qwen2", "nf4", True),
+        ("qwen3", "fp4", False),
+        ("phi3", "nf4", True),
+        ("gemma3", "nf4", False),
+        ("gpt2", "nf4", True),
+    ],
 )
 def test_other_families_and_formats_load_and_write_back_their_bnb4bit_checkpoints(
     family, quant_type, double_quant, tmp_path
 ):
-    """Qwen2's q/k/v biases and Qwen3's q/k norms stay 16-bit beside the 4-bit linears, Phi-3's fused
+    """Qwen2's q/k/v biases, Qwen3's q/k norms and Gemma 3's four norms a layer and q/k norms (Gemma
+    2's tensors are the same less the q/k norms) stay 16-bit beside the 4-bit linears, Phi-3's fused
     qkv_proj / gate_up_proj are one 4-bit tensor each, FP4 and single quantization as well as NF4 +
-    double quantization: logits as transformers' 4-bit model (rel 1e-4, float32 over the same
-    weights) and every tensor written back byte for byte."""
+    double quantization; GPT-2's Conv1D weights are stored as transformers quantized them, transposed
+    to (out, in), and its LayerNorms, biases and position table stay 16-bit: logits as transformers'
+    4-bit model (rel 1e-4, float32 over the same weights) and every tensor written back byte for
+    byte. Our own quantization of GPT-2's 16-bit checkpoint (Conv1D weights transposed first) gives
+    transformers' 4-bit codes (its double-quantized scales on CPU come from bitsandbytes' approximate
+    native search, tests/quant/bnb_reference.py, so they are not compared)."""
     dense = save(hf_model(family_config(family)), tmp_path / "dense")
     bnb_dir = _bnb_4bit(dense, str(tmp_path / "bnb4bit"), quant_type, double_quant)
     model, frozen = llama.from_pretrained(bnb_dir, quantization=quant_type, dtype="float32")
     ours = np.asarray(model.apply(frozen, None, jnp.asarray(TOKENS)))
     assert rel_err(ours, hf_logits(_load_4bit(bnb_dir), TOKENS)) < 1e-4
+    if family == "gpt2":  # the Conv1D orientation is ours to get right when we quantize
+        quant = Quantization(quant_type, 64, double_quant)
+        _, quantized = llama.from_pretrained(dense, quantization=quant, dtype="float32")
+        for group, name in linear_shapes(model.config):
+            theirs, mine = frozen["layers"][group][name]["weight"], quantized["layers"][group][name]["weight"]
+            np.testing.assert_array_equal(np.asarray(mine.packed), np.asarray(theirs.packed))
     hf_export.save_bnb4bit(str(tmp_path / "out"), model.config, frozen, dtype="float32")
     before, after = _tensors(bnb_dir), _tensors(str(tmp_path / "out"))
     assert sorted(after) == sorted(before)

@@ -154,3 +154,6 @@ def test_family_fields_leave_older_fingerprints_unchanged():
     assert "qkv_bias" not in llama_arch and "qk_norm" not in llama_arch
     assert "qkv_bias=True" in _architecture(family_config("qwen2"))
     assert "qk_norm=True" in _architecture(family_config("qwen3"))
+    gpt2_fields = ("norm_type", "position_embedding", "hidden_act", "gated_mlp", "fused_qkv")
+    assert not any(f"{field}=" in llama_arch for field in gpt2_fields)
+    assert all(f"{field}=" in _architecture(family_config("gpt2")) for field in gpt2_fields)

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from qlora_jax.compare.torch_reference import hf_config
-from qlora_jax.models.config import LlamaConfig, RopeScaling
+from qlora_jax.models.config import GPT2_FIELDS, LlamaConfig, RopeScaling
 
 
 def small_config(**changes) -> LlamaConfig:
@@ -38,10 +38,23 @@ PHI3_LONGROPE = RopeScaling(
     attention_factor=float(np.sqrt(1 + np.log(8.0) / np.log(16))),
 )
 
+GEMMA = dict(
+    sandwich_norms=True,
+    unit_offset_norms=True,
+    scale_embeddings=True,
+    hidden_act="gelu_pytorch_tanh",
+    head_dim=64,
+    query_pre_attn_scalar=48,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=4,
+)
 # What sets each family apart, on small_config's shape; Qwen3's head_dim (64) differs from
 # hidden / heads (32) as in Qwen3's own configs, so a decoder that derived it would fail.
 # Phi-3: fused projections, half of each head turned by RoPE (Phi-4-mini: 3/4), LongRoPE, and a
 # sliding window the test sequences reach past.
+# GPT-2 has no grouped-query attention (kv heads = heads) and ties its head, as its own configs.
 FAMILIES = {
     "llama": {},
     "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6),
@@ -54,6 +67,22 @@ FAMILIES = {
         max_position_embeddings=128,
         sliding_window=8,
     ),
+    # Gemma: query_pre_attn_scalar 48 is neither head_dim (64) nor hidden / heads (32); a window of
+    # 4 keys on the first layer (the second global) bites in every test sequence; the soft-caps
+    # are small enough to bend the random model's scores and logits (their scale ~0.5)
+    "gemma2": dict(
+        GEMMA,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0,
+    ),
+    "gemma3": dict(
+        GEMMA,
+        qk_norm=True,
+        rope_theta=1e6,
+        rope_scaling=RopeScaling("linear", 8.0),
+        rope_local_theta=1e4,
+    ),
+    "gpt2": dict(GPT2_FIELDS, num_kv_heads=4, hidden_act="gelu_new", tie_word_embeddings=True),
 }
 
 
@@ -68,12 +97,11 @@ def hf_model(cfg: LlamaConfig, seed: int = 0) -> transformers.PreTrainedModel:
     model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("bias"):
-                p.copy_(
-                    1.0 + 0.1 * torch.randn_like(p)
-                    if name.endswith("norm.weight")
-                    else 0.1 * torch.randn_like(p)
-                )
+            is_norm = name.endswith("norm.weight") or ".ln_" in name  # GPT-2's ln_1, ln_2, ln_f
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif is_norm:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
     return model
 
 

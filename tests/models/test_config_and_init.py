@@ -35,6 +35,9 @@ def test_published_sizes():
     assert round(PRESETS["qwen2.5-7b"].num_params / 1e9, 2) == 7.62  # model card: 7.61B (7.615...)
     assert round(PRESETS["qwen3-8b"].num_params / 1e9, 2) == 8.19  # model card: 8.2B
     assert round(PRESETS["phi-3-mini"].num_params / 1e9, 2) == 3.82  # model card: 3.8B
+    assert round(PRESETS["gemma-2-9b"].num_params / 1e9, 2) == 9.24  # model card: 9.24B
+    assert round(PRESETS["gemma-3-12b"].num_params / 1e9, 2) == 11.77  # 12.2B less the 0.42B vision tower
+    assert PRESETS["gpt2"].num_params == 124_439_808  # GPT2LMHeadModel of openai-community/gpt2
 
 
 def test_random_init_quantizes_every_layer_and_runs():
@@ -64,7 +67,8 @@ def test_random_init_dense_and_untied_head():
         (lambda: small_config(remat_policy="some"), "remat_policy 'some'"),
         (
             lambda: from_hf_config({"model_type": "gemma"}),
-            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, phi3$",
+            "^model_type 'gemma' is not supported; valid: llama, mistral, qwen2, qwen3, phi3, gemma2, "
+            "gemma3_text, gemma3, gpt2$",
         ),
         (lambda: small_config(qkv_bias=True, qk_norm=True), "qkv_bias with qk_norm matches no"),
         (lambda: small_config(fused_gate_up=True), "need fused_qkv=True and fused_gate_up=True"),
@@ -73,6 +77,18 @@ def test_random_init_dense_and_untied_head():
             lambda: family_config("phi3", partial_rotary_factor=0.75),
             r"^longrope short_factor/long_factor have \[8\] values; the rotary dimension 24 needs 12 each$",
         ),
+        (
+            lambda: from_hf_config(
+                to_hf_config(family_config("gpt2")) | {"scale_attn_by_inverse_layer_idx": True}
+            ),
+            r"^gpt2 scale_attn_by_inverse_layer_idx=True is not supported; valid: False",
+        ),
+        (
+            lambda: from_hf_config(to_hf_config(family_config("gpt2")) | {"activation_function": "relu"}),
+            r"^gpt2 activation_function 'relu' is not supported; valid: \('gelu_new', 'gelu'\)$",
+        ),
+        (lambda: small_config(norm_type="layernorm"), r"^GPT-2's fields .* got position_embedding='rope'"),
+        (lambda: small_config(norm_type="batchnorm"), r"^norm_type 'batchnorm' is not supported"),
         (
             lambda: from_hf_config(to_hf_config(small_config()) | {"rope_scaling": {"rope_type": "yarn"}}),
             "yarn",
@@ -84,6 +100,28 @@ def test_random_init_dense_and_untied_head():
 def test_bad_input_is_named(make, match):
     with pytest.raises((ValueError, FileNotFoundError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(family="gpt2", fused_gate_up=True), r"^GPT-2's fields .* got fused_gate_up=True$"),
+        (dict(family="gpt2", sandwich_norms=True), r"^GPT-2's fields .* got sandwich_norms=True$"),
+        (dict(family="gpt2", partial_rotary_factor=0.5), r"^GPT-2's fields .* got partial_rotary_factor=0.5"),
+        (dict(family="gpt2", hidden_act="silu"), r"^hidden_act 'silu' of model_type 'gpt2' is not supported"),
+        (dict(family="gemma2", hidden_act="gelu_new"), r"^hidden_act 'gelu_new' of model_type 'gemma2'"),
+        (dict(family="phi3", hidden_act="gelu"), r"^hidden_act 'gelu' of model_type 'phi3' is not supported"),
+        (dict(family="phi3", sandwich_norms=True), r"^fused_gate_up with sandwich_norms matches no"),
+        (dict(family="gemma3", fused_qkv=True), r"^fused_qkv is Phi-3's .* alone it matches no"),
+        (dict(family="llama", hidden_act="swish"), r"^hidden_act 'swish' is not supported; valid: \("),
+    ],
+)
+def test_fields_of_different_families_together_are_refused_in_one_line(changes, match):
+    """Phi-3's, Gemma's and GPT-2's fields and activations do not mix: one line naming the clash."""
+    family = changes.pop("family")
+    with pytest.raises(ValueError, match=match) as err:
+        family_config(family, **changes)
+    assert "\n" not in str(err.value)
 
 
 def test_qwen_config_json_fields_as_transformers_reads_them():
@@ -128,6 +166,37 @@ def test_phi3_config_json_fields_as_transformers_reads_them():
         from_hf_config(mini_4k).rope_scaling.rope_type == "default"
         and from_hf_config(mini_4k).rotary_dim == 32
     )
+
+
+def test_gemma_config_json_fields_as_transformers_reads_them():
+    # a multimodal gemma3 config.json as published: 4.x rope keys, a text_config of a few keys
+    # (the rest Gemma3TextConfig's defaults), the sliding pattern as an int, eos at the top level
+    published = {
+        "model_type": "gemma3",
+        "eos_token_id": [1, 106],
+        "text_config": {
+            "model_type": "gemma3_text",
+            "hidden_size": 3840,
+            "intermediate_size": 15360,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+            "sliding_window_pattern": 6,
+        },
+    }
+    assert from_hf_config(published) == PRESETS["gemma-3-12b"].replace(text_of_multimodal=True)
+    gemma2 = to_hf_config(family_config("gemma2"))
+    assert from_hf_config(gemma2, dtype="float32") == family_config("gemma2")
+    del gemma2["layer_types"], gemma2["final_logit_softcapping"]  # Gemma2Config's defaults
+    defaults = from_hf_config(gemma2 | {"num_hidden_layers": 4})
+    assert defaults.layer_types == ("sliding_attention", "full_attention") * 2
+    assert defaults.final_logit_softcapping == 30.0
+    with pytest.raises(ValueError, match="^model_type 'gemma2' with use_bidirectional_attention=true"):
+        from_hf_config(gemma2 | {"use_bidirectional_attention": True})
+    with pytest.raises(ValueError, match="^layer_types, rope_local_theta without sandwich_norms"):
+        small_config(layer_types=("full_attention",) * 2, rope_local_theta=1e4)
 
 
 def test_checkpoint_with_wrong_shape_names_the_tensor(tmp_path):

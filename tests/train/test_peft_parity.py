@@ -1,6 +1,8 @@
 """Loss, every LoRA gradient and 10 AdamW steps against peft + torch.optim.AdamW (CPU, fp32, dropout 0);
-loss and gradients for each family (LLaMA, Qwen2, Qwen3, Phi-3) on bitsandbytes' own NF4 codes
-(Phi-3: one A/B pair on each fused qkv_proj and gate_up_proj, as peft puts them).
+loss and gradients for each family (LLaMA, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, GPT-2) on
+bitsandbytes' own NF4 codes (Phi-3: one A/B pair on each fused qkv_proj and gate_up_proj, as peft
+puts them; Gemma 2's loss through its final-logit soft-cap on both sides; GPT-2's Conv1D weights
+quantized transposed, as transformers' bitsandbytes integration does).
 
 Tolerances: loss and gradients 1e-5 relative (float32 on both sides, different summation order;
 observed ~1e-6); weights after 10 AdamW steps 1e-4 relative (Adam divides by sqrt(v), which
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.compare import torch_side
 from qlora_jax.compare.torch_reference import (
     copy_adapters_into,
     frozen_from_bnb,
@@ -29,7 +32,8 @@ from qlora_jax.train.optim import OptimConfig, make_optimizer
 from tests.models.hf_reference import family_config, hf_model, save
 from tests.peft_reference import peft_adapters, peft_grads, randomize_b
 
-LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"o_proj": 2})
+# "c_proj" (GPT-2) matches attn.c_proj and mlp.c_proj both, as peft's suffix rule does
+LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"o_proj": 2, "c_proj": 2})
 
 
 def _batch(seed=0, batch=2, length=12, vocab=256):
@@ -67,8 +71,26 @@ def _torch_loss(peft_model, ids, labels):
 
 @pytest.mark.parametrize(
     ("family", "nf4"),
-    [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", True), ("phi3", True)],
-    ids=["llama-fp32-base", "llama-nf4-base", "qwen2-nf4-base", "qwen3-nf4-base", "phi3-nf4-base"],
+    [
+        ("llama", False),
+        ("llama", True),
+        ("qwen2", True),
+        ("qwen3", True),
+        ("phi3", True),
+        ("gemma2", True),
+        ("gemma3", True),
+        ("gpt2", True),
+    ],
+    ids=[
+        "llama-fp32-base",
+        "llama-nf4-base",
+        "qwen2-nf4-base",
+        "qwen3-nf4-base",
+        "phi3-nf4-base",
+        "gemma2-nf4-base",
+        "gemma3-nf4-base",
+        "gpt2-nf4-base",
+    ],
 )
 def test_loss_and_every_lora_gradient_match_peft(tmp_path, family, nf4):
     model, frozen, peft_model, tree = _setup(tmp_path, nf4, family)
@@ -77,6 +99,14 @@ def test_loss_and_every_lora_gradient_match_peft(tmp_path, family, nf4):
     loss_ref.backward()
     loss, _, grads = step_lib.mean_loss_and_grads(model, LORA, tree, frozen, batch, None, 1, 1024)
     np.testing.assert_allclose(loss, loss_ref.item(), rtol=1e-5)
+    # the compare CLI's torch loss (its own masks, soft-cap and sliding windows) is peft's too
+    one_segment = {
+        "segment_ids": np.ones_like(ids),
+        "positions": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
+    }
+    with torch.no_grad():
+        summed, count = torch_side.loss_sum(peft_model, batch | one_segment)
+    np.testing.assert_allclose(summed.item() / count, loss_ref.item(), rtol=1e-5)
     checked = 0
     for (layer, group, name), (ga, gb) in peft_grads(peft_model).items():
         g = grads["layers"][group][name]
@@ -84,7 +114,7 @@ def test_loss_and_every_lora_gradient_match_peft(tmp_path, family, nf4):
         for ours, ref in ((np.asarray(g["a"][layer, :, :r]), ga), (np.asarray(g["b"][layer, :r]), gb)):
             assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), (layer, group, name)
             checked += 1
-    assert checked == 2 * len(linear_shapes(model.config)) * 2  # A and B of every projection, 2 layers
+    assert checked == 2 * len(linear_shapes(model.config)) * 2  # A and B of every projection in 2 layers
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32-base", "nf4-base"])
