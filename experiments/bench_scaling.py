@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from step_timing import time_train_step  # noqa: E402
 
 
-def _device_peaks(jax, multihost_utils) -> list[float]:
+def _device_peaks(jax, multihost_utils, mesh) -> list[float]:
     """Peak GiB of every device of the run, gathered from all processes (device order)."""
     local = np.array(
         [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in jax.local_devices()]
@@ -75,7 +75,7 @@ def run_layout(
     model, frozen = llama.random_init(
         preset, quantization="nf4", dtype="bfloat16", remat_policy=remat, mesh=mesh
     )
-    load_peaks = _device_peaks(jax, multihost_utils)
+    load_peaks = _device_peaks(jax, multihost_utils, mesh)
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     lora_shardings = sharding.lora_shardings(mesh, tree)
@@ -95,7 +95,7 @@ def run_layout(
     )
     ready_s = time.time() - STARTED
     step, metrics, plan = time_train_step(train_step, tree, state, frozen, data, steps)
-    peaks = _device_peaks(jax, multihost_utils)
+    peaks = _device_peaks(jax, multihost_utils, mesh)
     if jax.process_count() > 1:  # no process may leave while another still needs the coordinator
         multihost_utils.sync_global_devices("bench_scaling done")
     return {

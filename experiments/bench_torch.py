@@ -46,7 +46,9 @@ def qlora_model(preset_name: str, r: int) -> torch.nn.Module:
     gradient checkpointing on, and peft LoRA (alpha 2r) on all 7 projections."""
     cfg = preset(preset_name)
     torch.manual_seed(0)
-    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), attn_implementation="sdpa")
+    # Gemma 2's attention soft-cap runs only in transformers' eager attention (sdpa would skip it)
+    attention = "eager" if cfg.attn_logit_softcapping else "sdpa"
+    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), attn_implementation=attention)
     with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
     quantize_linears(model)
