@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 
+import filelock
 import pytest
 
 from tests import cli_runner
@@ -40,30 +41,31 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The longest test files, longest first (summed `--durations=0` times on a 2-CPU machine: 100-300 s
-# each); the other files, under a minute each, follow in collection order. `--dist loadfile` runs
-# a file whole on one worker, so a long file handed out last leaves the other worker idle until it
-# ends; handing out the longest first lets the short ones even out the two workers at the end.
+# The longest test files, longest first (summed `--durations=0` times of a quiet run on a 2-CPU
+# machine: 10-150 s each); the other files, under 10 s each, follow in collection order.
+# `--dist loadfile` runs a file whole on one worker, so a long file handed out last leaves the
+# other worker idle until it ends; handing out the longest first lets the short ones even out the
+# two workers at the end.
 LONGEST_FILES = [
-    "tests/models/test_llama_smollm2.py",
-    "tests/io/test_checkpoint.py",
-    "tests/test_sharding_cli.py",
-    "tests/test_sharding.py",
     "tests/train/test_step.py",
+    "tests/test_sharding.py",
     "tests/train/test_peft_parity.py",
-    "tests/io/test_bnb4bit.py",
-    "tests/models/test_families.py",
     "tests/quant/test_nf4_bnb.py",
-    "tests/test_errors.py",
-    "tests/io/test_peft_export.py",
-    "tests/models/test_llama_random.py",
+    "tests/io/test_checkpoint.py",
+    "tests/models/test_families.py",
+    "tests/test_sharding_cli.py",
     "tests/test_compare.py",
     "tests/quant/test_nf4_jax.py",
+    "tests/models/test_llama_smollm2.py",
+    "tests/test_errors.py",
+    "tests/models/test_llama_random.py",
+    "tests/io/test_bnb4bit.py",
     "tests/models/test_config_and_init.py",
     "tests/train/test_cli.py",
     "tests/test_export_cli.py",
-    "tests/test_generate_cli.py",
     "tests/test_lora.py",
+    "tests/io/test_peft_export.py",
+    "tests/quant/test_report.py",
 ]
 
 
@@ -146,12 +148,22 @@ def other_tiny_model(smollm2_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_model, tmp_path_factory) -> str:
+def tiny_run(tiny_model, tmp_path_factory, worker_id) -> str:
     """One finished 6-step CLI run of tiny_model, checkpointed at steps 3 and 6, shared by the tests
-    that read a run (export, resume): copy it before changing it."""
-    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
-    out = run_cli(train_command(*tiny_run_overrides(tiny_model, run_dir, 6), "--config.checkpoint.every=3"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    that read a run (export, resume): copy it before changing it. Made once per session: an xdist
+    worker that needs it after another made it reads that one (a CLI run: ~20 s on 2 CPUs)."""
+    if worker_id == "master":  # no xdist: this process's own directory
+        shared = tmp_path_factory.mktemp("tiny_run")
+    else:  # every worker's base directory lies in this session's one directory
+        shared = tmp_path_factory.getbasetemp().parent / "tiny_run"
+        shared.mkdir(exist_ok=True)
+    run_dir = shared / "run"
+    with filelock.FileLock(str(shared / ".lock")):
+        if not (run_dir / "summary.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a worker's unfinished attempt
+            overrides = tiny_run_overrides(tiny_model, run_dir, 6)
+            out = run_cli(train_command(*overrides, "--config.checkpoint.every=3"))
+            assert out.returncode == 0, out.stderr[-3000:]
     return str(run_dir)
 
 
