@@ -33,10 +33,9 @@ from step_timing import time_train_step  # noqa: E402
 
 
 def _device_peaks(jax, multihost_utils, mesh) -> list[float]:
-    """Peak GiB of every device of the run, gathered from all processes (device order)."""
-    local = np.array(
-        [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in jax.local_devices()]
-    )
+    """Peak GiB of every device of the mesh, gathered from all processes (device order)."""
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    local = np.array([(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in mine])
     if jax.process_count() > 1:
         local = multihost_utils.process_allgather(local, tiled=True)
     return [float(x) for x in local]
@@ -135,10 +134,8 @@ def run_processes(cmd: list[str], n: int) -> dict:
         for i in range(n)
     ]
     outputs = [p.communicate() for p in procs]
-    lines = [x for x in outputs[0][0].splitlines() if x.startswith(child_runs.PREFIX)]
-    if any(p.returncode for p in procs) or not lines:
-        return {"error": "\n".join(err[-800:] for _, err in outputs)}
-    return json.loads(lines[-1][len(child_runs.PREFIX) :])
+    failed = max(p.returncode for p in procs)  # process 0 reports; any process may fail
+    return child_runs.result(failed, outputs[0][0], "\n".join(err[-800:] for _, err in outputs))
 
 
 def main() -> None:

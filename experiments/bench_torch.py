@@ -6,6 +6,7 @@ weights are built on the GPU and quantized there, layer by layer, so nothing lar
 from __future__ import annotations
 
 import bitsandbytes as bnb
+import child_runs
 import peft
 import torch
 import torch_steps
@@ -72,7 +73,7 @@ def main() -> None:
     a = torch_steps.parser().parse_args()
     model = qlora_model(a.preset, a.r)
     vocab = preset(a.preset).vocab_size
-    torch_steps.time_and_report("torch+peft+bnb", model, vocab, a, VERSIONS, autocast=True)
+    child_runs.report(torch_steps.time_steps("torch+peft+bnb", model, vocab, a, VERSIONS, autocast=True))
 
 
 if __name__ == "__main__":

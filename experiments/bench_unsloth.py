@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 
 import unsloth  # noqa: E402,I001  (must come before transformers)
+import child_runs  # noqa: E402
 import torch  # noqa: E402
 import torch_steps  # noqa: E402
 import transformers  # noqa: E402
@@ -75,7 +76,8 @@ def main() -> None:
     )
     unsloth.FastLanguageModel.for_training(model)
     versions = {"unsloth": unsloth.__version__, "transformers": transformers.__version__}
-    torch_steps.time_and_report("unsloth", model, preset(a.preset).vocab_size, a, versions, autocast=False)
+    row = torch_steps.time_steps("unsloth", model, preset(a.preset).vocab_size, a, versions, autocast=False)
+    child_runs.report(row)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,15 @@ def report(result: dict[str, Any]) -> None:
     print(PREFIX + json.dumps(result), flush=True)
 
 
-def run(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Parent side: the child's result, or {"error": the end of its output} when it failed."""
-    out = subprocess.run(list(cmd), capture_output=True, text=True, env=env)
-    lines = [x for x in out.stdout.splitlines() if x.startswith(PREFIX)]
-    if out.returncode or not lines:
-        return {"error": (out.stderr or out.stdout)[-1500:]}
+def result(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """Parent side: a finished child's result, or {"error": the end of its output} when it failed."""
+    lines = [x for x in stdout.splitlines() if x.startswith(PREFIX)]
+    if returncode or not lines:
+        return {"error": (stderr or stdout)[-1500:]}
     return json.loads(lines[-1][len(PREFIX) :])
+
+
+def run(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run one child to its end: its result (see `result`)."""
+    out = subprocess.run(list(cmd), capture_output=True, text=True, env=env)
+    return result(out.returncode, out.stdout, out.stderr)

@@ -1,6 +1,6 @@
-"""What the two PyTorch-side benchmarks (bench_torch.py, bench_unsloth.py) share: their arguments,
-the LoRA targets, and the timed QLoRA step (PagedAdamW32bit, gradient clipping 0.3, random
-tokens) with its one-line result. Imports only torch and bitsandbytes, so Unsloth can still be
+"""What the PyTorch-side benchmarks (bench_torch.py, bench_unsloth.py, bench_torch_ddp.py) share:
+their arguments, the LoRA targets, and the timed QLoRA step (PagedAdamW32bit, gradient clipping
+0.3, random tokens) with its result row. Imports only torch and bitsandbytes, so Unsloth can still be
 imported before transformers."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import contextlib
 import time
 
 import bitsandbytes as bnb
-import child_runs
 import torch
 
 # every decoder projection of any family (peft targets those a model has: Phi-3's are fused)
@@ -47,8 +46,9 @@ def time_steps(
     autocast: bool,
 ) -> dict:
     """Train `model` (adapters only) on random tokens: median step time after a.warmup untimed
-    steps and peak CUDA memory since the first step, as a result row. `model` may be wrapped in
-    DistributedDataParallel: each process then times its own steps on its own batch."""
+    steps and peak CUDA memory since the first step, as a result row (child_runs.report). `model`
+    may be wrapped in DistributedDataParallel: each process then times its own steps on its own
+    batch."""
     opt = bnb.optim.PagedAdamW32bit([q for q in model.parameters() if q.requires_grad], lr=2e-4)
     ids = torch.randint(0, vocab_size, (a.batch, a.seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -76,15 +76,3 @@ def time_steps(
         "loss": float(loss),
         "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__} | versions,
     }
-
-
-def time_and_report(
-    framework: str,
-    model: torch.nn.Module,
-    vocab_size: int,
-    a: argparse.Namespace,
-    versions: dict[str, str],
-    autocast: bool,
-) -> None:
-    """time_steps on one GPU, reported as one RESULT line."""
-    child_runs.report(time_steps(framework, model, vocab_size, a, versions, autocast))
