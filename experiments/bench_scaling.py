@@ -52,7 +52,11 @@ def run_layout(
     remat: str,
     offload_state: bool,
     processes: tuple[str, int, int] | None = None,
+    profile: bool = False,
+    gspmd_grads: bool = False,
 ):
+    import tempfile
+
     import jax
 
     if processes:  # (coordinator, count, id): this process drives one GPU of a multi-process mesh
@@ -68,6 +72,8 @@ def run_layout(
     from qlora_jax.train import step as step_lib
     from qlora_jax.train.optim import OptimConfig, make_optimizer
 
+    if gspmd_grads:  # the A/B probe: leave the data-parallel gradient sum to GSPMD (in the loop)
+        step_lib._data_parallel_mesh = lambda shardings: None
     sizes = dict(kv.split("=") for kv in mesh_spec.split(";"))
     mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n_devices])
@@ -93,7 +99,10 @@ def run_layout(
         mesh, {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
     )
     ready_s = time.time() - STARTED
-    step, metrics, plan = time_train_step(train_step, tree, state, frozen, data, steps)
+    profile_dir = tempfile.mkdtemp(prefix="bench_scaling_trace_") if profile else ""
+    step, metrics, plan = time_train_step(
+        train_step, tree, state, frozen, data, steps, profile_dir=profile_dir
+    )
     peaks = _device_peaks(jax, multihost_utils, mesh)
     if jax.process_count() > 1:  # no process may leave while another still needs the coordinator
         multihost_utils.sync_global_devices("bench_scaling done")
@@ -109,7 +118,7 @@ def run_layout(
         "frozen_gib_per_device": sharding.per_device_bytes(frozen) / 2**30,
         "loss": float(metrics["loss"]),
         "jax": jax.__version__,
-    }
+    } | ({"profile": plan["profile"]} if profile else {})
 
 
 def run_processes(cmd: list[str], n: int) -> dict:
@@ -152,6 +161,10 @@ def main() -> None:
     )
     p.add_argument("--remat", default="auto", help="model.remat_policy")
     p.add_argument("--offload_state", type=int, default=1, help="1: AdamW state in pinned host memory")
+    p.add_argument("--profile", type=int, default=0, help="1: add each layout's per-device trace breakdown")
+    p.add_argument(
+        "--label", default="", help="recorded in every row (e.g. the XLA flags of this invocation)"
+    )
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--call", default="", help="the call id to record (a call split over commands)")
@@ -172,6 +185,8 @@ def main() -> None:
             a.remat,
             bool(a.offload_state),
             (coordinator, int(count), int(process_id)) if a.process else None,
+            bool(a.profile),
+            bool(a.gspmd_grads),
         )
         if process_id == "0":
             child_runs.report(result)
@@ -206,12 +221,23 @@ def main() -> None:
         else:
             cmd = [sys.executable, __file__, "--child", layout.replace("p:", ":")] + [
                 f"--{k}={getattr(a, k)}"
-                for k in ("preset", "per_device_batch", "seq", "r", "steps", "remat", "offload_state")
+                for k in (
+                    "preset",
+                    "per_device_batch",
+                    "seq",
+                    "r",
+                    "steps",
+                    "remat",
+                    "offload_state",
+                    "profile",
+                    "gspmd_grads",
+                )
             ]
             row = (run_processes(cmd, n) if layout.split(":")[0].endswith("p") else child_runs.run(cmd)) | {
                 "framework": "qlora_jax",
                 "remat": a.remat,
                 "offload_state": a.offload_state,
+                "grad_sum": "gspmd" if a.gspmd_grads else "once",
             }
         row |= {
             "layout": layout,
@@ -223,7 +249,7 @@ def main() -> None:
             "gpu": gpu,
             "date": datetime.date.today().isoformat(),
             "call": call_id,
-        }
+        } | ({"label": a.label} if a.label else {})
         with open(os.path.join(a.out, "scaling.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         print(

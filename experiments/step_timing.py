@@ -15,11 +15,20 @@ def peak_gib() -> float:
 
 
 def time_train_step(
-    train_step: Any, lora: Any, state: Any, frozen: Any, batch: Any, steps: int, warmup: int = 3
+    train_step: Any,
+    lora: Any,
+    state: Any,
+    frozen: Any,
+    batch: Any,
+    steps: int,
+    warmup: int = 3,
+    profile_dir: str = "",
 ):
     """(median seconds per step after `warmup` untimed steps, last metrics, XLA's memory plan in
     GiB). The step is compiled ahead of time, outside every timing, so warmup=0 times the very
-    first run (for long contexts, where one step takes minutes); each step waits for its outputs."""
+    first run (for long contexts, where one step takes minutes); each step waits for its outputs.
+    With `profile_dir`, two more steps run under jax.profiler after the timed ones and
+    plan["profile"] holds their per-device breakdown (trace_summary.py)."""
     start = time.perf_counter()
     compiled = train_step.lower(lora, state, frozen, batch, None).compile()
     analysis = compiled.memory_analysis()
@@ -38,4 +47,12 @@ def time_train_step(
         jax.block_until_ready((lora, metrics))
         times.append(time.perf_counter() - start)
     plan["first_step_s"] = times[0]
+    if profile_dir:
+        import trace_summary
+
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(2):
+                lora, state, metrics = compiled(lora, state, frozen, batch, None)
+                jax.block_until_ready((lora, metrics))
+        plan["profile"] = trace_summary.summarize(profile_dir, steps=2)
     return float(np.median(times[warmup:])), metrics, plan

@@ -5,6 +5,7 @@ the CLI, on a mesh and in two processes: tests/test_sharding_cli.py."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -45,8 +46,8 @@ def _batches():
     return out
 
 
-def _train(mesh_cfg: sharding.MeshConfig | None, offload: bool = False):
-    """Per-step losses and the final LoRA tree, on one device (None) or a mesh."""
+def _build(mesh_cfg: sharding.MeshConfig | None, offload: bool = False):
+    """(train_step, lora, optimizer state, frozen, mesh) on one device (None) or a mesh."""
     model, frozen, lora = _setup()
     optim_cfg = OptimConfig(lr=LR, max_grad_norm=1.0, offload_state=offload)
     optimizer = make_optimizer(optim_cfg)
@@ -63,6 +64,12 @@ def _train(mesh_cfg: sharding.MeshConfig | None, offload: bool = False):
         state_sh = sharding.opt_state_shardings(mesh, abstract_state)
     state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_sh)
     train_step = step_lib.make_train_step(model, LORA, optim_cfg, optimizer, state_sh, 1024, lora_sh)
+    return train_step, lora, state, frozen, mesh
+
+
+def _train(mesh_cfg: sharding.MeshConfig | None, offload: bool = False):
+    """Per-step losses and the final LoRA tree, on one device (None) or a mesh."""
+    train_step, lora, state, frozen, mesh = _build(mesh_cfg, offload)
     losses = []
     for batch in _batches():
         if mesh is not None:
@@ -108,6 +115,20 @@ def test_offloaded_state_is_split_over_the_data_axis_in_pinned_host(single_devic
     assert moments and all(x.sharding.memory_kind == "pinned_host" for x in moments)
     assert all(x.addressable_shards[0].data.size * 8 == x.size for x in moments)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(lora))
+
+
+def test_data_parallel_gradients_are_summed_once_after_the_backward_pass():
+    """The ranks add their adapter gradients (and loss sums) in one reduction after the backward
+    pass, as DDP's buckets do. Left to GSPMD, the sums land inside the scanned layers' and loss
+    chunks' loops: one all-reduce per layer and chunk, each a synchronization point of all GPUs."""
+    train_step, lora, state, frozen, mesh = _build(LAYOUTS["data"])
+    batch = sharding.shard_batch(mesh, _batches()[0])
+    hlo = train_step.lower(lora, state, frozen, batch, None).compile().as_text()
+    loop_bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.-]+)", hlo))
+    computations = dict(re.findall(r"^(?:ENTRY )?%?([\w.-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S))
+    assert loop_bodies and loop_bodies <= computations.keys()
+    assert not [name for name in loop_bodies if "all-reduce" in computations[name]]
+    assert "all-reduce" in hlo
 
 
 def test_fsdp_divides_the_frozen_bytes_per_device():

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models.decoder import Llama
@@ -53,8 +54,8 @@ def loss_sum(
     )
 
 
-def mean_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulation_steps: int, chunk_size: int):
-    """Token-weighted mean loss and its gradient w.r.t. `lora` only (frozen is a plain argument)."""
+def _summed_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulation_steps, chunk_size):
+    """(summed token loss, loss tokens, summed gradients w.r.t. `lora`) over the micro-batches."""
 
     def micro(lora, micro_batch, key):
         return loss_sum(model, lora_cfg, lora, frozen, micro_batch, key, chunk_size)
@@ -62,18 +63,52 @@ def mean_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulation_
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if accumulation_steps == 1:
         (total, count), grads = grad_fn(lora, batch, rng)
+        return total, count, grads
+    keys = None if rng is None else jax.random.split(rng, accumulation_steps)
+
+    def body(carry, xs):
+        total, count, grads = carry
+        micro_batch, key = xs
+        (t, c), g = grad_fn(lora, micro_batch, key)
+        return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    return jax.lax.scan(body, init, (batch, keys))[0]
+
+
+def mean_loss_and_grads(
+    model, lora_cfg, lora, frozen, batch, rng, accumulation_steps: int, chunk_size: int, data_mesh=None
+):
+    """Token-weighted mean loss and its gradient w.r.t. `lora` only (frozen is a plain argument).
+
+    With a `data_mesh` (a mesh whose data axis has more than one device) each data-parallel rank
+    computes its rows' sums alone and the ranks add them once, after the backward pass, as DDP's
+    buckets do; left to GSPMD the sum lands inside the scanned backward, one per layer. Dropout
+    keys are folded with the rank, so each rank's rows draw their own masks.
+    """
+    args = (model, lora_cfg)
+    if data_mesh is None:
+        total, count, grads = _summed_loss_and_grads(
+            *args, lora, frozen, batch, rng, accumulation_steps, chunk_size
+        )
     else:
-        keys = None if rng is None else jax.random.split(rng, accumulation_steps)
 
-        def body(carry, xs):
-            total, count, grads = carry
-            micro_batch, key = xs
-            (t, c), g = grad_fn(lora, micro_batch, key)
-            return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+        def per_rank(lora, frozen, batch, rng):
+            if rng is not None:
+                rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+            sums = _summed_loss_and_grads(*args, lora, frozen, batch, rng, accumulation_steps, chunk_size)
+            return jax.lax.psum(sums, "data")
 
-        zeros = jax.tree.map(jnp.zeros_like, lora)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (total, count, grads), _ = jax.lax.scan(body, init, (batch, keys))
+        rows = P(None, "data") if accumulation_steps > 1 else P("data")
+        total, count, grads = jax.shard_map(
+            per_rank,
+            mesh=data_mesh,
+            in_specs=(P(), P(), rows, P()),
+            out_specs=P(),
+            axis_names={"data"},
+            check_vma=False,
+        )(lora, frozen, batch, rng)
     count = jnp.maximum(count, 1.0)
     return total / count, count, jax.tree.map(lambda g: g / count, grads)
 
@@ -86,6 +121,13 @@ def default_shardings(tree: Any) -> Any:
     """Every leaf on the first device (single-device runs); qlora_jax.sharding supplies meshes."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, tree)
+
+
+def _data_parallel_mesh(shardings: Any) -> jax.sharding.Mesh | None:
+    """The mesh of a sharded run whose data axis splits the batch (None: one rank)."""
+    leaf = next(iter(jax.tree.leaves(shardings)), None)
+    mesh = getattr(leaf, "mesh", None)
+    return mesh if mesh is not None and mesh.shape.get("data", 1) > 1 else None
 
 
 def _update_fn(
@@ -102,9 +144,11 @@ def _update_fn(
     if offload and opt_state_shardings is None:
         raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
 
+    data_mesh = _data_parallel_mesh(opt_state_shardings)
+
     def update(lora, opt_state, frozen, batch, rng):
         loss, tokens, grads = mean_loss_and_grads(
-            model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size
+            model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size, data_mesh
         )
         if offload:
             # the barrier makes the host-to-device copy wait for the gradients, so the state
