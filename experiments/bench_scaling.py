@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument(
         "--label", default="", help="recorded in every row (e.g. the XLA flags of this invocation)"
     )
+    p.add_argument("--gspmd_grads", type=int, default=0, help="1: data-parallel grads summed by GSPMD")
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--call", default="", help="the call id to record (a call split over commands)")

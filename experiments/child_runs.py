@@ -4,6 +4,7 @@ parent reads it back (a fresh process per run gives each run its own device peak
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,10 +18,13 @@ def report(result: dict[str, Any]) -> None:
 
 
 def result(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
-    """Parent side: a finished child's result, or {"error": the end of its output} when it failed."""
+    """Parent side: a finished child's result, or {"error": its exception's line and the end of its
+    output} when it failed (XLA's errors end in long stack traces that bury the message)."""
     lines = [x for x in stdout.splitlines() if x.startswith(PREFIX)]
     if returncode or not lines:
-        return {"error": (stderr or stdout)[-1500:]}
+        output = stderr or stdout
+        raised = [x for x in output.splitlines() if re.match(r"\w[\w.]*(Error|Exception)\b", x)]
+        return {"error": (raised[-1][:1000] + "\n...\n" if raised else "") + output[-1500:]}
     return json.loads(lines[-1][len(PREFIX) :])
 
 

@@ -10,6 +10,7 @@ token-weighted mean over all micro-batches, as one large batch would give.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -82,35 +83,35 @@ def mean_loss_and_grads(
 ):
     """Token-weighted mean loss and its gradient w.r.t. `lora` only (frozen is a plain argument).
 
-    With a `data_mesh` (a mesh whose data axis has more than one device) each data-parallel rank
-    computes its rows' sums alone and the ranks add them once, after the backward pass, as DDP's
-    buckets do; left to GSPMD the sum lands inside the scanned backward, one per layer. Dropout
-    keys are folded with the rank, so each rank's rows draw their own masks.
+    With a `data_mesh` (a mesh whose data axis has more than one device) the rows are regrouped
+    per data-parallel rank and the sums are mapped over the ranks (vmap, the rank axis split over
+    the data devices), so each rank's gradients stay its own through the backward pass and are
+    added once after it, as DDP's buckets do; left to GSPMD the sum lands inside the scanned
+    backward, one all-reduce per layer and loss chunk. Each rank draws its own dropout key.
     """
-    args = (model, lora_cfg)
+    summed = functools.partial(
+        _summed_loss_and_grads, model, lora_cfg, accumulation_steps=accumulation_steps, chunk_size=chunk_size
+    )
     if data_mesh is None:
-        total, count, grads = _summed_loss_and_grads(
-            *args, lora, frozen, batch, rng, accumulation_steps, chunk_size
-        )
+        total, count, grads = summed(lora, frozen, batch, rng)
     else:
-
-        def per_rank(lora, frozen, batch, rng):
-            if rng is not None:
-                rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
-            sums = _summed_loss_and_grads(*args, lora, frozen, batch, rng, accumulation_steps, chunk_size)
-            return jax.lax.psum(sums, "data")
-
-        rows = P(None, "data") if accumulation_steps > 1 else P("data")
-        total, count, grads = jax.shard_map(
-            per_rank,
-            mesh=data_mesh,
-            in_specs=(P(), P(), rows, P()),
-            out_specs=P(),
-            axis_names={"data"},
-            check_vma=False,
-        )(lora, frozen, batch, rng)
+        ranks = data_mesh.shape["data"]
+        rows_axis = 1 if accumulation_steps > 1 else 0
+        per_rank = jax.tree.map(lambda x: _split_rows(x, rows_axis, data_mesh), batch)
+        keys = None if rng is None else jax.random.split(rng, ranks)
+        sums = jax.vmap(summed, in_axes=(None, None, rows_axis, 0))(lora, frozen, per_rank, keys)
+        total, count, grads = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
     count = jnp.maximum(count, 1.0)
     return total / count, count, jax.tree.map(lambda g: g / count, grads)
+
+
+def _split_rows(x: jax.Array, axis: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """(..., B, ...) -> (..., ranks, B / ranks, ...): the rows of each data rank in their own slot,
+    that slot on its rank's devices (the rows within it split over fsdp, as before)."""
+    ranks = mesh.shape["data"]
+    shape = (*x.shape[:axis], ranks, x.shape[axis] // ranks, *x.shape[axis + 1 :])
+    spec = P(*([None] * axis), "data", "fsdp")
+    return jax.lax.with_sharding_constraint(x.reshape(shape), jax.sharding.NamedSharding(mesh, spec))
 
 
 def _memory(shardings: Any, kind: str) -> Any:
