@@ -35,7 +35,8 @@ def main() -> None:
     rows = [r for r in rows if r["preset"] == base["preset"]]
     lines: dict[str, dict[int, float]] = defaultdict(dict)
     for r in rows:
-        lines[kind(r["layout"])][r["devices"]] = r["tokens_per_s"]
+        if r.get("grad_sum") != "gspmd":  # the A/B probe's rows are in the table, not the lines
+            lines[kind(r["layout"])][r["devices"]] = r["tokens_per_s"]
     for name in [n for n in lines if n not in ("1 GPU", "torch+peft+bnb DDP")]:
         lines[name][1] = base["tokens_per_s"]
     most = max(r["devices"] for r in rows)
@@ -66,7 +67,8 @@ def main() -> None:
         peak = r.get("peak_mem_gib_per_device") or [r.get("peak_mem_gib", float("nan"))]
         first = f"{r['start_to_first_step_s']:.0f} s" if "start_to_first_step_s" in r else "-"
         print(
-            f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {speedup:.2f}x | "
+            f"| {r['layout']}{f' ({label})' if (label := r.get('label')) else ''} | "
+            f"{r['tokens_per_s']:,.0f} | {speedup:.2f}x | "
             f"{speedup / data_ranks:.0%} | {max(peak):.2f} GiB | {first} |"
         )
     for r in others:
