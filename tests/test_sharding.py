@@ -5,6 +5,7 @@ the CLI, on a mesh and in two processes: tests/test_sharding_cli.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -29,12 +30,15 @@ STEPS = 3
 LR = 1e-3
 
 
+@functools.cache
 def _setup():
+    """(model, frozen, lora), built once; lora in host memory, so each run's device copy is its
+    own (the step donates it)."""
     model, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
     lora = lora_lib.init_lora(jax.random.key(0), frozen, MODEL, LORA)
     # non-zero B so the first step's loss already depends on every adapter
     lora = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "b" else x, lora)
-    return model, frozen, lora
+    return model, frozen, jax.device_get(lora)
 
 
 def _batches():
@@ -132,7 +136,7 @@ def test_data_parallel_gradients_are_summed_once_after_the_backward_pass():
 
 
 def test_fsdp_divides_the_frozen_bytes_per_device():
-    _, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
+    _, frozen, _ = _setup()
     total = sum(x.nbytes for x in jax.tree.leaves(frozen))
     mesh = sharding.make_mesh(LAYOUTS["fsdp"])
     sharded = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
@@ -163,7 +167,7 @@ def test_random_init_and_loading_go_straight_to_each_devices_share(tmp_path):
 
 
 def test_nf4_shards_dequantize_their_own_rows():
-    _, frozen = llama.random_init(MODEL, quantization="nf4", dtype="float32")
+    _, frozen, _ = _setup()
     weight = frozen["layers"]["mlp"]["gate_proj"]["weight"]
     mesh = sharding.make_mesh(LAYOUTS["fsdp"])
     sharded = jax.device_put(
@@ -180,6 +184,9 @@ def test_nf4_shards_dequantize_their_own_rows():
             for name in ("packed", "absmax", "nested_absmax", "offset")
         }
         assert all(getattr(sharded, n).addressable_shards[k].device == device for n in local)
+        # each device's bytes, dequantized alone (on the default device: eager ops on device k
+        # would compile again for each of the 8 CPU devices, the same computation, ~1 s each)
+        local = {name: np.asarray(data) for name, data in local.items()}
         shard = dataclasses.replace(weight, **local, shape=(rows, MODEL.hidden_size))
         np.testing.assert_array_equal(np.asarray(dequantize(shard)), full[:, k * rows : (k + 1) * rows])
 

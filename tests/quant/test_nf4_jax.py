@@ -11,6 +11,13 @@ from hypothesis import strategies as st
 
 from qlora_jax.quant import codebooks, nf4
 
+# One compiled program per size: eager dispatch compiles each op for each new size (~3 s a size,
+# jit ~1 s). test_jit_matches_eager holds eager and jit to the same bits; the tests of other
+# properties quantize through these (those of eager dispatch itself call nf4.quantize).
+QUANTIZE = jax.jit(nf4.quantize, static_argnames=("block_size", "double_quant", "quant_type"))
+DEQUANTIZE = jax.jit(nf4.dequantize)
+STACKED_QUANTIZE = jax.jit(jax.vmap(nf4.quantize))
+
 
 def _w(shape, seed=0, dtype=jnp.bfloat16):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * 0.02, dtype)
@@ -24,13 +31,13 @@ def _leaves_equal(a, b):
 
 
 def test_pytree_leaves_and_static_metadata():
-    q = nf4.quantize(_w((128, 256)))
+    q = QUANTIZE(_w((128, 256)))
     leaves, treedef = jax.tree_util.tree_flatten(q)
     assert [leaf.dtype for leaf in leaves] == [jnp.uint8, jnp.uint8, jnp.float32, jnp.float32]
     assert [leaf.shape for leaf in leaves] == [(128 * 128,), (512,), (2,), ()]
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
     assert rebuilt.shape == (128, 256) and rebuilt.dtype == "bfloat16" and rebuilt.quant_type == "nf4"
-    plain = nf4.quantize(_w((128, 256)), double_quant=False)
+    plain = QUANTIZE(_w((128, 256)), double_quant=False)
     assert len(jax.tree_util.tree_leaves(plain)) == 2  # nested_absmax / offset are None
 
 
@@ -53,10 +60,10 @@ def test_jit_keeps_the_subnormal_scale_of_a_short_all_zero_nested_block():
 
 def test_vmap_over_stacked_layers_equals_per_layer():
     w_LxOxI = _w((4, 128, 64), seed=2)
-    stacked = jax.vmap(nf4.quantize)(w_LxOxI)
+    stacked = STACKED_QUANTIZE(w_LxOxI)
     assert stacked.shape == (128, 64) and stacked.stack_shape == (4,)
     for layer in range(4):
-        single = nf4.quantize(w_LxOxI[layer])
+        single = QUANTIZE(w_LxOxI[layer])
         assert _leaves_equal(jax.tree_util.tree_map(lambda x, i=layer: x[i], stacked), single)
     # dequantize handles the stack axis directly and under vmap
     direct = stacked.dequantize()
@@ -66,21 +73,21 @@ def test_vmap_over_stacked_layers_equals_per_layer():
 
 def test_scan_over_stacked_layers():
     w_LxOxI = _w((3, 64, 128), seed=3)
-    stacked = jax.vmap(nf4.quantize)(w_LxOxI)
+    stacked = STACKED_QUANTIZE(w_LxOxI)
     x = jnp.ones((2, 128), jnp.bfloat16)
 
     def layer(carry, q):
         return carry, carry @ q.dequantize().T
 
     _, outs = jax.lax.scan(layer, x, stacked)
-    expected = jnp.stack([x @ nf4.quantize(w_LxOxI[i]).dequantize().T for i in range(3)])
+    expected = jnp.stack([x @ QUANTIZE(w_LxOxI[i]).dequantize().T for i in range(3)])
     assert np.array_equal(outs, expected)
 
 
 def test_bits_per_param():
     """4 + 8/64 + 32/(64*256) = 4.127 with double quantization; 4 + 32/64 = 4.5 without."""
     w = _w((4096, 4096))
-    dq, plain = nf4.quantize(w), nf4.quantize(w, double_quant=False)
+    dq, plain = QUANTIZE(w), QUANTIZE(w, double_quant=False)
     assert dq.bits_per_param == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-5)
     assert round(dq.bits_per_param, 3) == 4.127
     assert plain.bits_per_param == 4.5
@@ -88,7 +95,7 @@ def test_bits_per_param():
 
 
 def test_default_dtype_round_trip_and_override():
-    q = nf4.quantize(_w((64, 64), dtype=jnp.float16))
+    q = QUANTIZE(_w((64, 64), dtype=jnp.float16))
     assert q.dequantize().dtype == jnp.float16
     assert q.dequantize(jnp.float32).dtype == jnp.float32
 
@@ -111,7 +118,7 @@ def test_bad_input_raises_clear_error(bad, kwargs, message):
 
 
 def test_from_bnb_rejects_bad_states():
-    state = nf4.quantize(_w((64, 64))).to_bnb()
+    state = QUANTIZE(_w((64, 64))).to_bnb()
     with pytest.raises(ValueError, match="holds 4096 codes, shape"):
         nf4.NF4Tensor.from_bnb(state, shape=(64, 128))
     with pytest.raises(ValueError, match="nested_quant_map differs"):
@@ -119,19 +126,13 @@ def test_from_bnb_rejects_bad_states():
     with pytest.raises(ValueError, match=r"lacks \['absmax'\]"):
         nf4.NF4Tensor.from_bnb({k: v for k, v in state.items() if k != "absmax"})
     with pytest.raises(ValueError, match="to_bnb needs one tensor"):
-        jax.vmap(nf4.quantize)(_w((2, 64, 64))).to_bnb()
+        STACKED_QUANTIZE(_w((2, 64, 64))).to_bnb()
 
 
 def test_from_bnb_to_bnb_round_trip_is_identity():
-    q = nf4.quantize(_w((320, 192), seed=4))
+    q = QUANTIZE(_w((320, 192), seed=4))
     again = nf4.NF4Tensor.from_bnb(q.to_bnb())
     assert _leaves_equal(q, again) and again.shape == q.shape and again.dtype == q.dtype
-
-
-# One compiled program per drawn size: eager dispatch would compile each op for each new size
-# (~5x slower). test_jit_matches_eager holds eager and jit to the same bits.
-QUANTIZE = jax.jit(nf4.quantize, static_argnames=("block_size", "double_quant", "quant_type"))
-DEQUANTIZE = jax.jit(nf4.dequantize)
 
 
 @settings(max_examples=25, deadline=None)
@@ -168,8 +169,8 @@ def test_property_error_bound_and_idempotence(n_blocks, log_scale, quant_type, s
 def test_double_quant_scale_error_is_small():
     """The 8-bit dynamic map keeps block scales within 1% (QLoRA reports no quality loss)."""
     w = _w((1024, 1024), seed=5, dtype=jnp.float32)
-    exact = nf4.quantize(w, double_quant=False).absmax
-    rebuilt = nf4.block_absmax(nf4.quantize(w))
+    exact = QUANTIZE(w, double_quant=False).absmax
+    rebuilt = nf4.block_absmax(QUANTIZE(w))
     assert float(jnp.max(jnp.abs(rebuilt - exact) / exact)) < 0.01
     assert math.isclose(float(jnp.mean(rebuilt)), float(jnp.mean(exact)), rel_tol=1e-3)
 
