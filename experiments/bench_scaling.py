@@ -53,7 +53,7 @@ def run_layout(
     offload_state: bool,
     processes: tuple[str, int, int] | None = None,
     profile: bool = False,
-    gspmd_grads: bool = False,
+    gspmd: bool = False,
 ):
     import tempfile
 
@@ -72,8 +72,9 @@ def run_layout(
     from qlora_jax.train import step as step_lib
     from qlora_jax.train.optim import OptimConfig, make_optimizer
 
-    if gspmd_grads:  # the A/B probe: leave the data-parallel gradient sum to GSPMD (in the loop)
+    if gspmd:  # the A/B probe: GSPMD's own placement of the gradient sum and the fsdp weights
         step_lib._data_parallel_mesh = lambda shardings: None
+        sharding.gathered_rules = lambda mesh: ()
     sizes = dict(kv.split("=") for kv in mesh_spec.split(";"))
     mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n_devices])
@@ -165,7 +166,9 @@ def main() -> None:
     p.add_argument(
         "--label", default="", help="recorded in every row (e.g. the XLA flags of this invocation)"
     )
-    p.add_argument("--gspmd_grads", type=int, default=0, help="1: data-parallel grads summed by GSPMD")
+    p.add_argument(
+        "--gspmd", type=int, default=0, help="1: GSPMD places the gradient sum and fsdp weights (A/B)"
+    )
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--call", default="", help="the call id to record (a call split over commands)")
@@ -187,7 +190,7 @@ def main() -> None:
             bool(a.offload_state),
             (coordinator, int(count), int(process_id)) if a.process else None,
             bool(a.profile),
-            bool(a.gspmd_grads),
+            bool(a.gspmd),
         )
         if process_id == "0":
             child_runs.report(result)
@@ -231,14 +234,14 @@ def main() -> None:
                     "remat",
                     "offload_state",
                     "profile",
-                    "gspmd_grads",
+                    "gspmd",
                 )
             ]
             row = (run_processes(cmd, n) if layout.split(":")[0].endswith("p") else child_runs.run(cmd)) | {
                 "framework": "qlora_jax",
                 "remat": a.remat,
                 "offload_state": a.offload_state,
-                "grad_sum": "gspmd" if a.gspmd_grads else "once",
+                "placement": "gspmd" if a.gspmd else "ours",
             }
         row |= {
             "layout": layout,

@@ -35,7 +35,10 @@ def main() -> None:
     rows = [r for r in rows if r["preset"] == base["preset"]]
     lines: dict[str, dict[int, float]] = defaultdict(dict)
     for r in rows:
-        if r.get("grad_sum") != "gspmd":  # the A/B probe's rows are in the table, not the lines
+        if "gspmd" not in (
+            r.get("grad_sum"),
+            r.get("placement"),
+        ):  # the A/B probe's rows are in the table, not the lines
             lines[kind(r["layout"])][r["devices"]] = r["tokens_per_s"]
     for name in [n for n in lines if n not in ("1 GPU", "torch+peft+bnb DDP")]:
         lines[name][1] = base["tokens_per_s"]

@@ -128,11 +128,29 @@ def test_data_parallel_gradients_are_summed_once_after_the_backward_pass():
     train_step, lora, state, frozen, mesh = _build(LAYOUTS["data"])
     batch = sharding.shard_batch(mesh, _batches()[0])
     hlo = train_step.lower(lora, state, frozen, batch, None).compile().as_text()
-    loop_bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.-]+)", hlo))
+    assert "while(" in hlo and "all-reduce" in hlo
+    assert not [line for line in _loop_collectives(hlo) if "all-reduce" in line]
+
+
+def _loop_collectives(hlo: str) -> list[str]:
+    """The collective instructions inside the compiled program's loop bodies."""
+    bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.-]+)", hlo))
     computations = dict(re.findall(r"^(?:ENTRY )?%?([\w.-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S))
-    assert loop_bodies and loop_bodies <= computations.keys()
-    assert not [name for name in loop_bodies if "all-reduce" in computations[name]]
-    assert "all-reduce" in hlo
+    collective = re.compile(r"= .*\b(all-gather|reduce-scatter|all-reduce)(-start)?\(")
+    return [line for name in bodies for line in computations[name].splitlines() if collective.search(line)]
+
+
+def test_fsdp_gathers_each_layers_4bit_weights_not_the_activations():
+    """Under fsdp each device multiplies its own rows of the batch by the whole weight, gathered
+    as NF4 codes and scales (uint8) inside the layer loop, one layer at a time. Left to GSPMD, the
+    weights stay split and the (tokens, features) activations of the global batch move instead."""
+    train_step, lora, state, frozen, mesh = _build(LAYOUTS["fsdp"])
+    batch = sharding.shard_batch(mesh, _batches()[0])
+    in_loops = _loop_collectives(train_step.lower(lora, state, frozen, batch, None).compile().as_text())
+    gathered = [line for line in in_loops if re.search(r"= u8\[1,\d+\]\S* all-gather", line)]
+    assert len(gathered) >= 7, in_loops  # every projection's codes, one layer's slice ([1, n]) each
+    tokens_by_features = re.compile(rf"\[\d+,{_batches()[0]['inputs'].shape[1]},(512|1024)\]")
+    assert not [line for line in in_loops if tokens_by_features.search(line)]
 
 
 def test_fsdp_divides_the_frozen_bytes_per_device():

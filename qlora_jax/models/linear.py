@@ -10,6 +10,7 @@ MLP projection of Llama-3-8B at 2048 tokens) and a pass over it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -22,6 +23,27 @@ from qlora_jax.quant import nf4
 from qlora_jax.quant.nf4 import NF4Tensor, dequantize
 
 FrozenWeight = NF4Tensor | jax.Array
+
+# Logical axes of what a linear layer multiplies with, as flax's logical constraints name them:
+# the rows of its frozen weight (an NF4 weight's flat codes and scales: whole rows) and the input
+# features of its adapter's A. Whoever lays the model out on a mesh maps them to mesh axes
+# (`nn.logical_axis_rules`, sharding.py's GATHERED_RULES: under fsdp, the whole weight on every
+# device, gathered 4-bit); with no rules and mesh in force they are no-ops.
+WEIGHT_ROWS = "weight_rows"
+ADAPTER_IN = "adapter_in"
+
+
+def _laid_out(weight: FrozenWeight) -> FrozenWeight:
+    """The frozen weight as the matmul wants it laid out (a no-op without a mesh's rules)."""
+    if isinstance(weight, NF4Tensor):
+        flat = lambda x: None if x is None else nn.with_logical_constraint(x, (WEIGHT_ROWS,))  # noqa: E731
+        return dataclasses.replace(
+            weight,
+            packed=flat(weight.packed),
+            absmax=flat(weight.absmax),
+            nested_absmax=flat(weight.nested_absmax),
+        )
+    return nn.with_logical_constraint(weight, (WEIGHT_ROWS, None))
 
 
 def dense_weight(weight: FrozenWeight, dtype: Any) -> jax.Array:
@@ -128,7 +150,7 @@ class Linear(nn.Module):
         if weight is None:
             raise KeyError(f"frozen tree has no weight for module {'/'.join(self.path)}")
         x = x.astype(self.dtype)
-        y = frozen_matmul(x, weight, self.dequant_slices)
+        y = frozen_matmul(x, _laid_out(weight), self.dequant_slices)
         bias = self.get_variable("lora", "bias")
         if bias is None:
             bias = self.get_variable("frozen", "bias")
@@ -141,4 +163,6 @@ class Linear(nn.Module):
         if self.dropout > 0.0 and self.has_rng("dropout"):
             h = nn.Dropout(self.dropout, deterministic=False)(h, rng=self.make_rng("dropout"))
         b, scale = self.get_variable("lora", "b"), self.get_variable("lora", "scale")
+        a = nn.with_logical_constraint(a, (ADAPTER_IN, None))
+        b = nn.with_logical_constraint(b, (None, WEIGHT_ROWS))
         return y + lora_delta(h, a, b, scale)

@@ -10,15 +10,18 @@ token-weighted mean over all micro-batches, as one large batch would give.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from qlora_jax import sharding
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models.decoder import Llama
 from qlora_jax.models.linear import dense_weight
@@ -124,11 +127,25 @@ def default_shardings(tree: Any) -> Any:
     return jax.tree.map(lambda _: device, tree)
 
 
+def _mesh(shardings: Any) -> jax.sharding.Mesh | None:
+    """The mesh of a sharded run (None: one device)."""
+    return getattr(next(iter(jax.tree.leaves(shardings)), None), "mesh", None)
+
+
 def _data_parallel_mesh(shardings: Any) -> jax.sharding.Mesh | None:
     """The mesh of a sharded run whose data axis splits the batch (None: one rank)."""
-    leaf = next(iter(jax.tree.leaves(shardings)), None)
-    mesh = getattr(leaf, "mesh", None)
+    mesh = _mesh(shardings)
     return mesh if mesh is not None and mesh.shape.get("data", 1) > 1 else None
+
+
+def _laid_out_on(mesh: jax.sharding.Mesh | None) -> contextlib.AbstractContextManager:
+    """While tracing the step: the mesh and its rules for the model's logical axes in force."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules(sharding.gathered_rules(mesh)))
+    return stack
 
 
 def _update_fn(
@@ -145,12 +162,13 @@ def _update_fn(
     if offload and opt_state_shardings is None:
         raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
 
-    data_mesh = _data_parallel_mesh(opt_state_shardings)
+    data_mesh, mesh = _data_parallel_mesh(opt_state_shardings), _mesh(opt_state_shardings)
 
     def update(lora, opt_state, frozen, batch, rng):
-        loss, tokens, grads = mean_loss_and_grads(
-            model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size, data_mesh
-        )
+        with _laid_out_on(mesh):
+            loss, tokens, grads = mean_loss_and_grads(
+                model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size, data_mesh
+            )
         if offload:
             # the barrier makes the host-to-device copy wait for the gradients, so the state
             # never sits on the device during the forward/backward pass (the activation peak)
