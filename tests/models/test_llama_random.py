@@ -7,6 +7,8 @@ grouping or mask shifts logits by 1e-2 or more.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,13 @@ ROPES = {
     "dynamic": RopeScaling("dynamic", 2.0),
     "llama3": RopeScaling("llama3", 8.0, 1.0, 4.0, 16),
 }
+
+
+# one compiled forward per config and shape: eager apply dispatches (and compiles) op by op, slower
+# for every new shape than one compile of the whole model
+_forward = jax.jit(
+    lambda model, frozen, tokens, **kw: model.apply(frozen, None, tokens, **kw), static_argnums=0
+)
 
 
 def _tokens(batch: int, length: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
@@ -78,11 +87,11 @@ def test_left_padding_matches_transformers_on_real_tokens(tmp_path):
     mask[1, :5] = False
     mask[2, :11] = False
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    ours = np.asarray(model.apply(frozen, None, tokens, attention_mask=mask))
+    ours = np.asarray(_forward(model, frozen, tokens, attention_mask=mask))
     theirs = hf_logits(ref, tokens, attention_mask=mask, position_ids=positions)
     assert rel_err(ours[mask], theirs[mask]) < TOL
     # and each padded row equals the same tokens run alone without padding
-    alone = np.asarray(model.apply(frozen, None, tokens[1:2, 5:]))
+    alone = np.asarray(_forward(model, frozen, tokens[1:2, 5:]))
     assert rel_err(ours[1, 5:], alone[0]) < TOL
 
 
@@ -91,24 +100,31 @@ def test_packed_segments_equal_separate_sequences(tmp_path):
     a, b = _tokens(1, 7, seed=1), _tokens(1, 9, seed=2)
     packed = np.concatenate([a, b], axis=1)
     segments = np.array([[1] * 7 + [2] * 9])
-    ours = np.asarray(model.apply(frozen, None, packed, segment_ids=segments))
-    assert rel_err(ours[:, :7], np.asarray(model.apply(frozen, None, a))) < TOL
-    assert rel_err(ours[:, 7:], np.asarray(model.apply(frozen, None, b))) < TOL
+    ours = np.asarray(_forward(model, frozen, packed, segment_ids=segments))
+    assert rel_err(ours[:, :7], np.asarray(_forward(model, frozen, a))) < TOL
+    assert rel_err(ours[:, 7:], np.asarray(_forward(model, frozen, b))) < TOL
 
 
 def test_kv_cache_decoding_equals_full_forward(tmp_path):
     model, frozen = _load(tmp_path, small_config(rope_scaling=ROPES["llama3"]))
     tokens = _tokens(2, 10)
-    full = np.asarray(model.apply(frozen, None, tokens))
+    full = np.asarray(_forward(model, frozen, tokens))
     cache = model.init_cache(batch=2, max_length=16)
     step_logits = []
-    logits, cache = model.apply(frozen, None, tokens[:, :6], cache=cache)
+    logits, cache = _forward(model, frozen, tokens[:, :6], cache=cache)
     step_logits.append(np.asarray(logits))
     for t in range(6, 10):
-        logits, cache = model.apply(frozen, None, tokens[:, t : t + 1], cache=cache)
+        logits, cache = _forward(model, frozen, tokens[:, t : t + 1], cache=cache)
         step_logits.append(np.asarray(logits))
     assert int(cache.index) == 10
     assert rel_err(np.concatenate(step_logits, axis=1), full) < TOL
+
+
+# compiled, as training runs it (eager dispatch is slower to test); the base model's compile serves
+# every variant below
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_grad(model, frozen, tokens):
+    return jax.value_and_grad(lambda fr: jnp.mean(model.apply(fr, None, tokens) ** 2))(frozen)
 
 
 @pytest.mark.parametrize(
@@ -123,12 +139,8 @@ def test_unrolled_and_remat_variants_compute_the_same_logits_and_grads(tmp_path,
     model, frozen = _load(tmp_path, small_config())
     variant = llama.Llama(model.config.replace(**runtime))
     tokens = _tokens(2, 8)
-
-    def loss_and_grad(m):  # compiled, as training runs it (eager dispatch is slower to test)
-        return jax.jit(jax.value_and_grad(lambda fr: jnp.mean(m.apply(fr, None, tokens) ** 2)))(frozen)
-
-    base_loss, base_grad = loss_and_grad(model)
-    var_loss, var_grad = loss_and_grad(variant)
+    base_loss, base_grad = _loss_and_grad(model, frozen, tokens)
+    var_loss, var_grad = _loss_and_grad(variant, frozen, tokens)
     np.testing.assert_allclose(var_loss, base_loss, rtol=1e-6)
     for g1, g2 in zip(jax.tree.leaves(base_grad), jax.tree.leaves(var_grad), strict=True):
         np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-7)
@@ -153,13 +165,15 @@ def test_nf4_model_equals_dense_model_on_dequantized_weights(tmp_path):
     model, frozen_q = llama.from_pretrained(path, quantization="nf4", dtype="float32")
     q = frozen_q["layers"]["mlp"]["down_proj"]["weight"]
     assert q.stack_shape == (2,) and q.shape == (128, 192)
-    dense = jax.tree.map(
-        lambda w: w.dequantize() if hasattr(w, "dequantize") else w,
-        frozen_q,
-        is_leaf=lambda w: hasattr(w, "dequantize"),
-    )
+    dense = jax.jit(  # one compile, not one per op and weight shape
+        lambda fr: jax.tree.map(
+            lambda w: w.dequantize() if hasattr(w, "dequantize") else w,
+            fr,
+            is_leaf=lambda w: hasattr(w, "dequantize"),
+        )
+    )(frozen_q)
     tokens = _tokens(2, 16)
-    assert rel_err(model.apply(frozen_q, None, tokens), np.asarray(model.apply(dense, None, tokens))) < 1e-6
+    assert rel_err(_forward(model, frozen_q, tokens), np.asarray(_forward(model, dense, tokens))) < 1e-6
 
 
 @pytest.mark.parametrize("padded", [False, True])
