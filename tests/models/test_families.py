@@ -45,9 +45,10 @@ FAMILIES = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")
 LORA = lora_lib.LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="all")
 
 
-# one compiled forward per family for every (2, 10) batch through an adapter (eager apply retraces)
-_adapted_logits = jax.jit(
-    lambda model, frozen, lora, tokens: model.apply(frozen, lora, tokens), static_argnums=0
+# one compiled forward per family and shape (eager apply dispatches and compiles op by op): every
+# (2, 10) batch through an adapter shares one
+_logits = jax.jit(
+    lambda model, frozen, lora, tokens, **kw: model.apply(frozen, lora, tokens, **kw), static_argnums=0
 )
 
 
@@ -153,7 +154,7 @@ def test_logits_match_transformers_with_padding_and_packing(family):
     a, b, c = _tokens(1, 7, seed=1), _tokens(1, 9, seed=2), _tokens(1, 11, seed=3)
     tokens = np.concatenate([np.concatenate([a, b], axis=1), np.pad(c, ((0, 0), (5, 0)))])
     segments = np.array([[1] * 7 + [2] * 9, [0] * 5 + [1] * 11])
-    ours = np.asarray(model.apply(frozen, None, tokens, attention_mask=segments > 0, segment_ids=segments))
+    ours = np.asarray(_logits(model, frozen, None, tokens, attention_mask=segments > 0, segment_ids=segments))
     assert rel_err(ours[:1, :7], hf_logits(ref, a)) < TOL
     assert rel_err(ours[:1, 7:], hf_logits(ref, b)) < TOL
     assert rel_err(ours[1:, 5:], hf_logits(ref, c)) < TOL
@@ -181,7 +182,7 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
     tokens = _tokens(2, 10)
     peft_io.save_adapter(str(tmp_path / "ours"), adapted, LORA, model.config)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "ours")).eval()
-    ours_logits = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
+    ours_logits = np.asarray(_logits(model, frozen, adapted, tokens))
     assert rel_err(ours_logits, hf_logits(theirs, tokens)) < TOL
     assert rel_err(ours_logits, hf_logits(ref, tokens)) > 1e-2  # the adapter (and biases) matter
     # an adapter peft made (random B, same keys as ours) loads into ours with peft's logits
@@ -195,10 +196,7 @@ def test_peft_loads_our_adapter_and_ours_loads_peft_adapter(family, adapted, tmp
     )
     loaded, cfg = peft_io.load_adapter(str(tmp_path / "peft"), frozen, model.config)
     assert cfg.bias == "all"
-    assert (
-        rel_err(np.asarray(_adapted_logits(model, frozen, loaded, tokens)), hf_logits(made.eval(), tokens))
-        < TOL
-    )
+    assert rel_err(np.asarray(_logits(model, frozen, loaded, tokens)), hf_logits(made.eval(), tokens)) < TOL
 
 
 def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tmp_path):
@@ -207,7 +205,7 @@ def test_merged_export_loads_in_transformers_with_our_logits(family, adapted, tm
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     assert merged.config.model_type == model.config.model_type
     tokens = _tokens(2, 10)
-    ours = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
+    ours = np.asarray(_logits(model, frozen, adapted, tokens))
     assert rel_err(ours, hf_logits(merged.eval(), tokens)) < TOL
 
 
@@ -310,7 +308,7 @@ def test_sharded_forward_equals_one_device(family, adapted):
         pytest.skip("Gemma 2's tree is Gemma 3's less the q/k norms: one Gemma's compile is enough")
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     tokens = _tokens(2, 10)
-    want = np.asarray(_adapted_logits(model, frozen, adapted, tokens))
+    want = np.asarray(_logits(model, frozen, adapted, tokens))
     frozen_sh = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))
     lora_sh = jax.device_put(adapted, sharding.lora_shardings(mesh, adapted))
     got = jax.jit(lambda fr, lo, t: model.apply(fr, lo, t))(frozen_sh, lora_sh, tokens)
@@ -376,6 +374,6 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(family, adapted, tm
     theirs = peft.PeftModel.from_pretrained(multimodal.eval(), str(tmp_path / "adapter")).eval()
     assert not any("vision" in n and "lora_A" in n for n, _ in theirs.named_modules())
     tokens = _tokens(2, 10)
-    assert rel_err(np.asarray(model.apply(frozen, adapted, tokens)), hf_logits(theirs, tokens)) < TOL
+    assert rel_err(np.asarray(_logits(model, frozen, adapted, tokens)), hf_logits(theirs, tokens)) < TOL
     back, _ = peft_io.load_adapter(str(tmp_path / "adapter"), loaded_frozen, loaded.config)
     jax.tree.map(np.testing.assert_array_equal, back, adapted)
