@@ -202,7 +202,7 @@ def _plain_autodiff_matmul(x, weight, slices):
 
 
 def test_saved_residuals_hold_no_dequantized_weight(monkeypatch):
-    model, frozen, tree = _setup(quantization="nf4", num_layers=3)
+    model, frozen, tree = _setup()  # the nf4 model the step tests build
     batch = _batch(np.random.default_rng(0), (1, 8))
 
     def loss(lo, fr):
