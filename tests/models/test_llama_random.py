@@ -54,7 +54,7 @@ def test_rope_variants_match_transformers(tmp_path, rope):
     model, frozen = llama.from_pretrained(save(ref, tmp_path / "hf"), quantization=None, dtype="float32")
     assert model.config.rope_scaling == cfg.rope_scaling
     tokens = _tokens(2, 24)
-    assert rel_err(model.apply(frozen, None, tokens), hf_logits(ref, tokens)) < TOL
+    assert rel_err(_forward(model, frozen, tokens), hf_logits(ref, tokens)) < TOL
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (4, 1), (8, 2)])
@@ -65,7 +65,7 @@ def test_gqa_and_tied_embeddings_match_transformers(tmp_path, heads, kv_heads, t
     model, frozen = llama.from_pretrained(save(ref, tmp_path / "hf"), quantization=None, dtype="float32")
     assert ("lm_head" in frozen) == (not tied)
     tokens = _tokens(2, 16)
-    assert rel_err(model.apply(frozen, None, tokens), hf_logits(ref, tokens)) < TOL
+    assert rel_err(_forward(model, frozen, tokens), hf_logits(ref, tokens)) < TOL
 
 
 def test_biases_and_sharded_checkpoint_match_transformers(tmp_path):
@@ -75,7 +75,7 @@ def test_biases_and_sharded_checkpoint_match_transformers(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     model, frozen = llama.from_pretrained(path, quantization=None, dtype="float32")
     tokens = _tokens(1, 16)
-    assert rel_err(model.apply(frozen, None, tokens), hf_logits(ref, tokens)) < TOL
+    assert rel_err(_forward(model, frozen, tokens), hf_logits(ref, tokens)) < TOL
 
 
 def test_left_padding_matches_transformers_on_real_tokens(tmp_path):
@@ -154,7 +154,7 @@ def test_bf16_compute_stays_close_to_fp32(tmp_path):
     assert frozen["layers"]["self_attn"]["q_proj"]["weight"].dtype == jnp.bfloat16
     assert frozen["layers"]["input_layernorm"]["weight"].dtype == jnp.float32
     tokens = _tokens(2, 16)
-    logits = model.apply(frozen, None, tokens)
+    logits = _forward(model, frozen, tokens)
     assert logits.dtype == jnp.float32
     assert rel_err(logits, hf_logits(ref, tokens)) < 3e-2
 
@@ -189,7 +189,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, padded):
     mask = np.ones((2, 12), bool)
     if padded:
         mask[1, :3] = False
-    ours = np.asarray(model.apply(frozen, None, tokens, attention_mask=mask if padded else None))
+    ours = np.asarray(_forward(model, frozen, tokens, attention_mask=mask if padded else None))
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     theirs = hf_logits(ref, tokens, attention_mask=mask, position_ids=positions)
     assert rel_err(ours[mask], theirs[mask]) < TOL
