@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,6 +56,8 @@ def _load_4bit(directory: str):
 
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 12))
+# one compiled forward per model: eager apply dispatches (and compiles) op by op, slower
+_forward = jax.jit(lambda model, frozen, lora, tokens: model.apply(frozen, lora, tokens), static_argnums=0)
 
 
 def test_loading_takes_every_byte_as_stored_and_matches_transformers_4bit_logits(checkpoints):
@@ -71,7 +74,7 @@ def test_loading_takes_every_byte_as_stored_and_matches_transformers_4bit_logits
             assert np.array_equal(np.asarray(ours.absmax[i]), stored[f"{key}.absmax"])
             assert np.array_equal(np.asarray(ours.nested_absmax[i]), stored[f"{key}.nested_absmax"])
     assert np.array_equal(np.asarray(frozen["lm_head"]["weight"]), stored["lm_head.weight"])  # kept 16-bit
-    ours = np.asarray(model.apply(frozen, None, jnp.asarray(TOKENS)))
+    ours = np.asarray(_forward(model, frozen, None, jnp.asarray(TOKENS)))
     assert rel_err(ours, hf_logits(_load_4bit(bnb_dir), TOKENS)) < 1e-4
 
 
@@ -127,7 +130,7 @@ def test_other_families_and_formats_load_and_write_back_their_bnb4bit_checkpoint
     dense = save(hf_model(family_config(family)), tmp_path / "dense")
     bnb_dir = _bnb_4bit(dense, str(tmp_path / "bnb4bit"), quant_type, double_quant)
     model, frozen = llama.from_pretrained(bnb_dir, quantization=quant_type, dtype="float32")
-    ours = np.asarray(model.apply(frozen, None, jnp.asarray(TOKENS)))
+    ours = np.asarray(_forward(model, frozen, None, jnp.asarray(TOKENS)))
     assert rel_err(ours, hf_logits(_load_4bit(bnb_dir), TOKENS)) < 1e-4
     if family == "gpt2":  # the Conv1D orientation is ours to get right when we quantize
         quant = Quantization(quant_type, 64, double_quant)
@@ -210,6 +213,6 @@ def test_a_cli_run_from_a_bnb4bit_checkpoint_trains_and_its_adapter_loads_in_pef
 
     lora, _ = peft_io.load_adapter(str(run_dir / "adapter"), frozen, model.config)
     tokens = np.random.default_rng(1).integers(0, 49152, (1, 10))
-    ours = np.asarray(model.apply(frozen, lora, jnp.asarray(tokens)))
+    ours = np.asarray(_forward(model, frozen, lora, jnp.asarray(tokens)))
     theirs = peft.PeftModel.from_pretrained(_load_4bit(bnb_dir), str(run_dir / "adapter")).eval()
     assert rel_err(ours, hf_logits(theirs, tokens)) < 1e-4
