@@ -16,6 +16,9 @@ from qlora_jax.compare.torch_reference import peft_config
 from qlora_jax.models import llama
 from tests.models.hf_reference import hf_model, rel_err, save, small_config
 
+# one compiled forward per config and weight tree: eager apply dispatches (and compiles) op by op
+_forward = jax.jit(lambda model, frozen, lora, tokens: model.apply(frozen, lora, tokens), static_argnums=0)
+
 CONFIGS = {
     "all-linear": dict(target_modules="all-linear"),
     "qv": dict(target_modules=("q_proj", "v_proj"), r=4, alpha=16),
@@ -132,7 +135,10 @@ def test_merge_gives_the_adapted_model_and_unmerge_restores(tmp_path):
     tree["layers"]["mlp"]["up_proj"]["b"][1] = 0.0  # padding layers stay zero
     tokens = np.arange(16, dtype=np.int32)[None]
     merged = lora_lib.merge(frozen, tree)
-    assert rel_err(model.apply(merged, None, tokens), np.asarray(model.apply(frozen, tree, tokens))) < 1e-6
+    assert (
+        rel_err(_forward(model, merged, None, tokens), np.asarray(_forward(model, frozen, tree, tokens)))
+        < 1e-6
+    )
     restored = lora_lib.unmerge(merged, tree)
     for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
@@ -149,7 +155,10 @@ def test_merge_of_nf4_base_dequantizes_adapted_modules():
         merged["layers"]["self_attn"]["q_proj"]["weight"] is frozen["layers"]["self_attn"]["q_proj"]["weight"]
     )
     tokens = np.arange(8, dtype=np.int32)[None]
-    assert rel_err(model.apply(merged, None, tokens), np.asarray(model.apply(frozen, tree, tokens))) < 1e-6
+    assert (
+        rel_err(_forward(model, merged, None, tokens), np.asarray(_forward(model, frozen, tree, tokens)))
+        < 1e-6
+    )
 
 
 def test_dropout_needs_an_rng_and_changes_outputs():
