@@ -7,10 +7,8 @@
 set -uo pipefail
 tok=$1 data=$2 out=$3
 runs=$(mktemp -d)
-common=(--config configs/llama3_8b.py --config.model.tokenizer="$tok"
-  --config.data.train_path="$data/train.jsonl" --config.data.eval_path="$data/test.jsonl"
-  --config.data.format=chat --config.data.prompt_key=question --config.data.completion_key=answer
-  --config.data.max_seq_len=1024 --config.train.batch_size=4 --config.train.log_every=5
+source "$(dirname "$0")/gsm8k_cli_args.sh"
+common=("${gsm8k_cli_args[@]}" --config.data.max_seq_len=1024 --config.train.batch_size=4 --config.train.log_every=5
   --config.train.eval_every=0 --config.train.eval_batches=4 --config.train.exact_match_examples=0)
 step() {  # name, then the run's own overrides; the log goes to $out/<name>.log
   local name=$1; shift

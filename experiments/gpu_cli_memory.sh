@@ -8,10 +8,8 @@
 set -uo pipefail
 tok=$1 data=$2 out=$3
 runs=$(mktemp -d)
-common=(--config configs/llama3_8b.py --config.model.tokenizer="$tok"
-  --config.data.train_path="$data/train.jsonl" --config.data.eval_path="$data/test.jsonl"
-  --config.data.format=chat --config.data.prompt_key=question --config.data.completion_key=answer
-  --config.data.max_seq_len=2048 --config.data.packing=True --config.train.batch_size=1
+source "$(dirname "$0")/gsm8k_cli_args.sh"
+common=("${gsm8k_cli_args[@]}" --config.data.max_seq_len=2048 --config.data.packing=True --config.train.batch_size=1
   --config.lora.dropout=0.0 --config.train.log_every=10 --config.train.eval_every=0
   --config.train.eval_batches=2 --config.checkpoint.every=10 --config.output_dir="$runs/run")
 python3 -m qlora_jax.train "${common[@]}" --config.train.max_steps=30 >"$out/cli_first30.log" 2>&1

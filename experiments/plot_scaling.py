@@ -34,12 +34,9 @@ def main() -> None:
     others = [r for r in rows if r["preset"] != base["preset"]]  # e.g. a 70B row with no 1-GPU run
     rows = [r for r in rows if r["preset"] == base["preset"]]
     lines: dict[str, dict[int, float]] = defaultdict(dict)
-    for r in rows:
-        if "gspmd" not in (
-            r.get("grad_sum"),
-            r.get("placement"),
-        ):  # the A/B probe's rows are in the table, not the lines
-            lines[kind(r["layout"])][r["devices"]] = r["tokens_per_s"]
+    # the A/B probe's rows (GSPMD's own placement; older rows name it grad_sum) are in the table only
+    for r in [r for r in rows if "gspmd" not in (r.get("placement"), r.get("grad_sum"))]:
+        lines[kind(r["layout"])][r["devices"]] = r["tokens_per_s"]
     for name in [n for n in lines if n not in ("1 GPU", "torch+peft+bnb DDP")]:
         lines[name][1] = base["tokens_per_s"]
     most = max(r["devices"] for r in rows)

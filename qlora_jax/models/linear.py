@@ -27,7 +27,7 @@ FrozenWeight = NF4Tensor | jax.Array
 # Logical axes of what a linear layer multiplies with, as flax's logical constraints name them:
 # the rows of its frozen weight (an NF4 weight's flat codes and scales: whole rows) and the input
 # features of its adapter's A. Whoever lays the model out on a mesh maps them to mesh axes
-# (`nn.logical_axis_rules`, sharding.py's GATHERED_RULES: under fsdp, the whole weight on every
+# (`nn.logical_axis_rules`, `sharding.gathered_rules`: under fsdp, the whole weight on every
 # device, gathered 4-bit); with no rules and mesh in force they are no-ops.
 WEIGHT_ROWS = "weight_rows"
 ADAPTER_IN = "adapter_in"

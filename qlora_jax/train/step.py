@@ -132,20 +132,22 @@ def _mesh(shardings: Any) -> jax.sharding.Mesh | None:
     return getattr(next(iter(jax.tree.leaves(shardings)), None), "mesh", None)
 
 
-def _data_parallel_mesh(shardings: Any) -> jax.sharding.Mesh | None:
-    """The mesh of a sharded run whose data axis splits the batch (None: one rank)."""
-    mesh = _mesh(shardings)
+def _data_parallel_mesh(mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh | None:
+    """`mesh` when its data axis splits the batch (None: one rank)."""
     return mesh if mesh is not None and mesh.shape.get("data", 1) > 1 else None
 
 
-def _laid_out_on(mesh: jax.sharding.Mesh | None) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _laid_out_on(mesh: jax.sharding.Mesh | None):
     """While tracing the step: the mesh and its rules for the model's logical axes in force."""
     if mesh is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-    stack.enter_context(nn.logical_axis_rules(sharding.gathered_rules(mesh)))
-    return stack
+        yield
+        return
+    with (
+        jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+        nn.logical_axis_rules(sharding.gathered_rules(mesh)),
+    ):
+        yield
 
 
 def _update_fn(
@@ -162,7 +164,8 @@ def _update_fn(
     if offload and opt_state_shardings is None:
         raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
 
-    data_mesh, mesh = _data_parallel_mesh(opt_state_shardings), _mesh(opt_state_shardings)
+    mesh = _mesh(opt_state_shardings)
+    data_mesh = _data_parallel_mesh(mesh)
 
     def update(lora, opt_state, frozen, batch, rng):
         with _laid_out_on(mesh):
