@@ -134,23 +134,43 @@ def test_data_parallel_gradients_are_summed_once_after_the_backward_pass():
 
 def _loop_collectives(hlo: str) -> list[str]:
     """The collective instructions inside the compiled program's loop bodies."""
-    bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.-]+)", hlo))
+    return _collectives(hlo, set(re.findall(r"\bwhile\(.*?body=%?([\w.-]+)", hlo)))
+
+
+def _collectives(hlo: str, names: set[str] | None = None) -> list[str]:
+    """The collective instructions of the named computations (None: all of them)."""
     computations = dict(re.findall(r"^(?:ENTRY )?%?([\w.-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S))
-    collective = re.compile(r"= .*\b(all-gather|reduce-scatter|all-reduce)(-start)?\(")
-    return [line for name in bodies for line in computations[name].splitlines() if collective.search(line)]
+    collective = re.compile(r"= .*\b(all-gather|reduce-scatter|all-reduce|all-to-all)(-start)?\(")
+    return [
+        line
+        for name, body in computations.items()
+        if names is None or name in names
+        for line in body.splitlines()
+        if collective.search(line)
+    ]
 
 
 def test_fsdp_gathers_each_layers_4bit_weights_not_the_activations():
     """Under fsdp each device multiplies its own rows of the batch by the whole weight, gathered
-    as NF4 codes and scales (uint8) inside the layer loop, one layer at a time. Left to GSPMD, the
-    weights stay split and the (tokens, features) activations of the global batch move instead."""
+    as NF4 codes and scales (uint8) inside the layer loop, one layer at a time, and looks up and
+    scores its own rows against the whole embedding and head. Left to GSPMD, the weights stay
+    split and the (tokens, features) activations of the global batch move instead: per
+    projection, for the embedding lookup, and per loss chunk."""
     train_step, lora, state, frozen, mesh = _build(LAYOUTS["fsdp"])
     batch = sharding.shard_batch(mesh, _batches()[0])
-    in_loops = _loop_collectives(train_step.lower(lora, state, frozen, batch, None).compile().as_text())
+    hlo = train_step.lower(lora, state, frozen, batch, None).compile().as_text()
+    in_loops = _loop_collectives(hlo)
     gathered = [line for line in in_loops if re.search(r"= u8\[1,\d+\]\S* all-gather", line)]
     assert len(gathered) >= 7, in_loops  # every projection's codes, one layer's slice ([1, n]) each
-    tokens_by_features = re.compile(rf"\[\d+,{_batches()[0]['inputs'].shape[1]},(512|1024)\]")
-    assert not [line for line in in_loops if tokens_by_features.search(line)]
+    seq = _batches()[0]["inputs"].shape[1]
+    tokens_by_features = re.compile(rf"\[(\d+,{seq}|\d+),(512|1024)\]")
+    tokens = {n * seq for n in range(1, 9)}  # a collective of (tokens, features), rows flattened or not
+    moved = [
+        line
+        for line in _collectives(hlo)
+        if (m := tokens_by_features.search(line)) and ("," in m.group(1) or int(m.group(1)) in tokens)
+    ]
+    assert not moved, moved
 
 
 def test_fsdp_divides_the_frozen_bytes_per_device():

@@ -29,7 +29,7 @@ from qlora_jax.models import attention
 from qlora_jax.models.attention import softcapped_attention
 from qlora_jax.models.config import LlamaConfig, RopeScaling
 from qlora_jax.models.frozen import linear_names
-from qlora_jax.models.linear import Linear, dense_weight
+from qlora_jax.models.linear import Linear, dense_weight, laid_out
 from qlora_jax.models.rope import apply_rope, cos_sin
 
 # the MLP's activation by LlamaConfig.hidden_act (config.HIDDEN_ACTS), as transformers' ACT2FN
@@ -363,13 +363,15 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index, sliding_mask=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        embed_VxD = self.get_variable("frozen", "embed_tokens")["weight"]
+        # the whole table on each device under fsdp, as the weights are (each device looks up its
+        # own rows' tokens), not the global batch's embeddings summed over the vocabulary's shards
+        embed_VxD = laid_out(self.get_variable("frozen", "embed_tokens")["weight"])
         x = jnp.take(embed_VxD, tokens_BxT, axis=0)
         if cfg.scale_embeddings:  # Gemma: sqrt(hidden) as float32, rounded to the table's dtype (as HF)
             x = x * jnp.asarray(np.float32(cfg.hidden_size**0.5)).astype(embed_VxD.dtype)
         x = x.astype(dtype)
         if cfg.position_embedding == "learned":  # GPT-2: a table row per position, no RoPE
-            table_PxD = self.get_variable("frozen", "embed_positions")["weight"]
+            table_PxD = laid_out(self.get_variable("frozen", "embed_positions")["weight"])
             x = x + jnp.take(table_PxD, positions_BxT, axis=0).astype(dtype)
             cos = sin = None
         else:

@@ -33,7 +33,7 @@ WEIGHT_ROWS = "weight_rows"
 ADAPTER_IN = "adapter_in"
 
 
-def _laid_out(weight: FrozenWeight) -> FrozenWeight:
+def laid_out(weight: FrozenWeight) -> FrozenWeight:
     """The frozen weight as the matmul wants it laid out (a no-op without a mesh's rules)."""
     if isinstance(weight, NF4Tensor):
         flat = lambda x: None if x is None else nn.with_logical_constraint(x, (WEIGHT_ROWS,))  # noqa: E731
@@ -150,7 +150,7 @@ class Linear(nn.Module):
         if weight is None:
             raise KeyError(f"frozen tree has no weight for module {'/'.join(self.path)}")
         x = x.astype(self.dtype)
-        y = frozen_matmul(x, _laid_out(weight), self.dequant_slices)
+        y = frozen_matmul(x, laid_out(weight), self.dequant_slices)
         bias = self.get_variable("lora", "bias")
         if bias is None:
             bias = self.get_variable("frozen", "bias")

@@ -1,11 +1,18 @@
-"""Masked mean cross-entropy in float32, computed chunk by chunk from the final hidden states.
+"""Masked cross-entropy in float32, summed chunk by chunk from the final hidden states.
 
 A (batch, seq, vocab) float32 logits tensor is the largest activation of a small-adapter run
-(8 x 2048 x 128256 x 4 B = 8 GiB for Llama 3); each chunk's logits are recomputed in backward
-instead of being saved, so at most one chunk of logits exists at a time.
+(8 x 2048 x 128256 x 4 B = 8 GiB for Llama 3), so at most one chunk of logits exists at a time.
+When differentiated, each chunk's gradient w.r.t. the hidden states is formed right after its
+loss, from logits still in hand (the fused linear cross-entropy of Liger and Unsloth): the head's
+matmul runs twice per token instead of three times (forward, recompute, backward).
+
+Chunks run along the sequence with every row in each, so rows split over devices (fsdp) stay
+where they are: each device computes the loss of its own rows against the whole head.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,31 +27,68 @@ def chunked_cross_entropy(
     mask_BxT: jax.Array,
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
+    row_shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of loss tokens), both float32; mean = sum / count. Logits are
-    soft-capped by `logit_softcap` first (Gemma 2's final_logit_softcapping), as the model's are."""
-    d = hidden_BxTxD.shape[-1]
-    hidden_NxD = hidden_BxTxD.reshape(-1, d)
-    targets_N = targets_BxT.reshape(-1).astype(jnp.int32)
-    mask_N = mask_BxT.reshape(-1).astype(jnp.float32)
-    n = hidden_NxD.shape[0]
-    chunk = min(chunk_size, n)
-    pad = -n % chunk
-    hidden_NxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0)))
-    targets_N, mask_N = jnp.pad(targets_N, (0, pad)), jnp.pad(mask_N, (0, pad))
+    soft-capped by `logit_softcap` first (Gemma 2's final_logit_softcapping), as the model's are.
+
+    A chunk holds about `chunk_size` tokens per device: positions of every row, the rows being
+    split `row_shards` ways over devices."""
+    b, t, _ = hidden_BxTxD.shape
+    chunk_t = min(t, max(1, chunk_size * row_shards // b))
+    pad = -t % chunk_t
+    hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxT = jnp.pad(targets_BxT.astype(jnp.int32), ((0, 0), (0, pad)))
+    mask_BxT = jnp.pad(mask_BxT.astype(jnp.float32), ((0, 0), (0, pad)))
     w_VxD = head_VxD.astype(hidden_BxTxD.dtype)
+    total = _summed_loss(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap)
+    return total, jnp.sum(mask_BxT)
 
-    @jax.checkpoint
-    def chunk_loss(h_CxD, t_C, m_C):
-        logits_CxV = jnp.einsum("cd,vd->cv", h_CxD, w_VxD, preferred_element_type=jnp.float32)
-        logits_CxV = soft_cap(logits_CxV, logit_softcap)
-        lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
-        target_C = jnp.take_along_axis(logits_CxV, t_C[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse_C - target_C) * m_C)
 
-    def body(total, xs):
-        return total + chunk_loss(*xs), None
+def _chunk_loss(h_BxCxD, w_VxD, t_BxC, m_BxC, logit_softcap):
+    logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, w_VxD, preferred_element_type=jnp.float32)
+    logits_BxCxV = soft_cap(logits_BxCxV, logit_softcap)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse_BxC - target_BxC) * m_BxC)
 
-    chunks = (hidden_NxD.reshape(-1, chunk, d), targets_N.reshape(-1, chunk), mask_N.reshape(-1, chunk))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)
-    return total, jnp.sum(mask_N)
+
+def _chunk(i, chunk_t, *arrays):
+    return [jax.lax.dynamic_slice_in_dim(x, i * chunk_t, chunk_t, axis=1) for x in arrays]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _summed_loss(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap):
+    """The loss alone (evaluation, or any use that is not differentiated)."""
+
+    def body(i, total):
+        h, t, m = _chunk(i, chunk_t, hidden_BxTxD, targets_BxT, mask_BxT)
+        return total + _chunk_loss(h, w_VxD, t, m, logit_softcap)
+
+    n = hidden_BxTxD.shape[1] // chunk_t
+    return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
+
+
+def _summed_loss_fwd(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap):
+    """The loss and, chunk by chunk, its gradient w.r.t. the hidden states (the residual)."""
+
+    def body(i, carry):
+        total, grad_BxTxD = carry
+        h, t, m = _chunk(i, chunk_t, hidden_BxTxD, targets_BxT, mask_BxT)
+        loss, vjp = jax.vjp(lambda h: _chunk_loss(h, w_VxD, t, m, logit_softcap), h)
+        (grad_h,) = vjp(jnp.ones((), jnp.float32))
+        grad_BxTxD = jax.lax.dynamic_update_slice_in_dim(grad_BxTxD, grad_h, i * chunk_t, axis=1)
+        return total + loss, grad_BxTxD
+
+    n = hidden_BxTxD.shape[1] // chunk_t
+    init = (jnp.zeros((), jnp.float32), jnp.zeros_like(hidden_BxTxD))
+    total, grad_BxTxD = jax.lax.fori_loop(0, n, body, init)
+    return total, grad_BxTxD
+
+
+def _summed_loss_bwd(chunk_t, logit_softcap, grad_BxTxD, cotangent):
+    """Only the hidden states get a gradient: the head is frozen, targets and mask are data."""
+    return grad_BxTxD * cotangent.astype(grad_BxTxD.dtype), None, None, None
+
+
+_summed_loss.defvjp(_summed_loss_fwd, _summed_loss_bwd)

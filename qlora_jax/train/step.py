@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from qlora_jax import sharding
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models.decoder import Llama
-from qlora_jax.models.linear import dense_weight
+from qlora_jax.models.linear import dense_weight, laid_out
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import OptimConfig
 from qlora_jax.train.state import TrainState
@@ -40,8 +40,10 @@ def loss_sum(
     batch: Batch,
     rng: jax.Array | None,
     chunk_size: int = 1024,
+    row_shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed token loss, loss tokens) of one batch; dropout only when `rng` is given."""
+    """(summed token loss, loss tokens) of one batch; dropout only when `rng` is given. The
+    batch's rows are split `row_shards` ways over devices (the loss chunks are sized per device)."""
     hidden = model.apply(
         frozen,
         lora,
@@ -52,17 +54,25 @@ def loss_sum(
         lora_dropout=lora_cfg.dropout,
         return_hidden=True,
     )
-    head = dense_weight(model.head_weight(frozen), hidden.dtype)
+    head = dense_weight(laid_out(model.head_weight(frozen)), hidden.dtype)
     return chunked_cross_entropy(
-        hidden, head, batch["targets"], batch["loss_mask"], chunk_size, model.config.final_logit_softcapping
+        hidden,
+        head,
+        batch["targets"],
+        batch["loss_mask"],
+        chunk_size,
+        model.config.final_logit_softcapping,
+        row_shards,
     )
 
 
-def _summed_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulation_steps, chunk_size):
+def _summed_loss_and_grads(
+    model, lora_cfg, lora, frozen, batch, rng, accumulation_steps, chunk_size, row_shards
+):
     """(summed token loss, loss tokens, summed gradients w.r.t. `lora`) over the micro-batches."""
 
     def micro(lora, micro_batch, key):
-        return loss_sum(model, lora_cfg, lora, frozen, micro_batch, key, chunk_size)
+        return loss_sum(model, lora_cfg, lora, frozen, micro_batch, key, chunk_size, row_shards)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if accumulation_steps == 1:
@@ -82,18 +92,24 @@ def _summed_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulati
 
 
 def mean_loss_and_grads(
-    model, lora_cfg, lora, frozen, batch, rng, accumulation_steps: int, chunk_size: int, data_mesh=None
+    model, lora_cfg, lora, frozen, batch, rng, accumulation_steps: int, chunk_size: int, mesh=None
 ):
     """Token-weighted mean loss and its gradient w.r.t. `lora` only (frozen is a plain argument).
 
-    With a `data_mesh` (a mesh whose data axis has more than one device) the rows are regrouped
+    With a `mesh` whose data axis has more than one device the rows are regrouped
     per data-parallel rank and the sums are mapped over the ranks (vmap, the rank axis split over
     the data devices), so each rank's gradients stay its own through the backward pass and are
     added once after it, as DDP's buckets do; left to GSPMD the sum lands inside the scanned
     backward, one all-reduce per layer and loss chunk. Each rank draws its own dropout key.
     """
+    data_mesh = _data_parallel_mesh(mesh)
     summed = functools.partial(
-        _summed_loss_and_grads, model, lora_cfg, accumulation_steps=accumulation_steps, chunk_size=chunk_size
+        _summed_loss_and_grads,
+        model,
+        lora_cfg,
+        accumulation_steps=accumulation_steps,
+        chunk_size=chunk_size,
+        row_shards=1 if mesh is None else mesh.shape.get("fsdp", 1),
     )
     if data_mesh is None:
         total, count, grads = summed(lora, frozen, batch, rng)
@@ -165,12 +181,11 @@ def _update_fn(
         raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
 
     mesh = _mesh(opt_state_shardings)
-    data_mesh = _data_parallel_mesh(mesh)
 
     def update(lora, opt_state, frozen, batch, rng):
         with _laid_out_on(mesh):
             loss, tokens, grads = mean_loss_and_grads(
-                model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size, data_mesh
+                model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size, mesh
             )
         if offload:
             # the barrier makes the host-to-device copy wait for the gradients, so the state
