@@ -121,11 +121,13 @@ def test_offloaded_state_is_split_over_the_data_axis_in_pinned_host(single_devic
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(lora))
 
 
-def test_data_parallel_gradients_are_summed_once_after_the_backward_pass():
-    """The ranks add their adapter gradients (and loss sums) in one reduction after the backward
-    pass, as DDP's buckets do. Left to GSPMD, the sums land inside the scanned layers' and loss
-    chunks' loops: one all-reduce per layer and chunk, each a synchronization point of all GPUs."""
-    train_step, lora, state, frozen, mesh = _build(LAYOUTS["data"])
+@pytest.mark.parametrize("layout", ["data", "fsdp"])
+def test_batch_ranks_gradients_are_summed_once_after_the_backward_pass(layout):
+    """The ranks the batch is split over (data, and fsdp too: it splits the rows) add their
+    adapter gradients (and loss sums) in one reduction after the backward pass, as DDP's buckets
+    do. Left to GSPMD, the sums land inside the scanned layers' and loss chunks' loops: one
+    all-reduce per layer and chunk, each a synchronization point of all GPUs."""
+    train_step, lora, state, frozen, mesh = _build(LAYOUTS[layout])
     batch = sharding.shard_batch(mesh, _batches()[0])
     hlo = train_step.lower(lora, state, frozen, batch, None).compile().as_text()
     assert "while(" in hlo and "all-reduce" in hlo

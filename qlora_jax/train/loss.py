@@ -6,8 +6,8 @@ When differentiated, each chunk's gradient w.r.t. the hidden states is formed ri
 loss, from logits still in hand (the fused linear cross-entropy of Liger and Unsloth): the head's
 matmul runs twice per token instead of three times (forward, recompute, backward).
 
-Chunks run along the sequence with every row in each, so rows split over devices (fsdp) stay
-where they are: each device computes the loss of its own rows against the whole head.
+Chunks run along the sequence with every row in each, so rows split over devices stay where they
+are: each device scores its own rows against the whole head.
 """
 
 from __future__ import annotations
@@ -27,15 +27,12 @@ def chunked_cross_entropy(
     mask_BxT: jax.Array,
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
-    row_shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of loss tokens), both float32; mean = sum / count. Logits are
     soft-capped by `logit_softcap` first (Gemma 2's final_logit_softcapping), as the model's are.
-
-    A chunk holds about `chunk_size` tokens per device: positions of every row, the rows being
-    split `row_shards` ways over devices."""
+    A chunk holds about `chunk_size` tokens: the same positions of every row."""
     b, t, _ = hidden_BxTxD.shape
-    chunk_t = min(t, max(1, chunk_size * row_shards // b))
+    chunk_t = min(t, max(1, chunk_size // b))
     pad = -t % chunk_t
     hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
     targets_BxT = jnp.pad(targets_BxT.astype(jnp.int32), ((0, 0), (0, pad)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,10 +41,8 @@ def loss_sum(
     batch: Batch,
     rng: jax.Array | None,
     chunk_size: int = 1024,
-    row_shards: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed token loss, loss tokens) of one batch; dropout only when `rng` is given. The
-    batch's rows are split `row_shards` ways over devices (the loss chunks are sized per device)."""
+    """(summed token loss, loss tokens) of one batch; dropout only when `rng` is given."""
     hidden = model.apply(
         frozen,
         lora,
@@ -62,17 +61,14 @@ def loss_sum(
         batch["loss_mask"],
         chunk_size,
         model.config.final_logit_softcapping,
-        row_shards,
     )
 
 
-def _summed_loss_and_grads(
-    model, lora_cfg, lora, frozen, batch, rng, accumulation_steps, chunk_size, row_shards
-):
+def _summed_loss_and_grads(model, lora_cfg, lora, frozen, batch, rng, accumulation_steps, chunk_size):
     """(summed token loss, loss tokens, summed gradients w.r.t. `lora`) over the micro-batches."""
 
     def micro(lora, micro_batch, key):
-        return loss_sum(model, lora_cfg, lora, frozen, micro_batch, key, chunk_size, row_shards)
+        return loss_sum(model, lora_cfg, lora, frozen, micro_batch, key, chunk_size)
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if accumulation_steps == 1:
@@ -96,27 +92,23 @@ def mean_loss_and_grads(
 ):
     """Token-weighted mean loss and its gradient w.r.t. `lora` only (frozen is a plain argument).
 
-    With a `mesh` whose data axis has more than one device the rows are regrouped
-    per data-parallel rank and the sums are mapped over the ranks (vmap, the rank axis split over
-    the data devices), so each rank's gradients stay its own through the backward pass and are
-    added once after it, as DDP's buckets do; left to GSPMD the sum lands inside the scanned
-    backward, one all-reduce per layer and loss chunk. Each rank draws its own dropout key.
+    On a `mesh` whose batch axes (data, fsdp) have more than one device the rows are regrouped per
+    batch rank (one device of each tensor group) and the sums are mapped over the ranks (vmap, the
+    rank axis split over those devices), so each rank's gradients stay its own through the
+    backward pass and are added once after it, as DDP's buckets do; left to GSPMD the sum lands
+    inside the scanned backward, one all-reduce per layer and loss chunk, each a synchronization
+    point of all devices. Each rank draws its own dropout key.
     """
-    data_mesh = _data_parallel_mesh(mesh)
     summed = functools.partial(
-        _summed_loss_and_grads,
-        model,
-        lora_cfg,
-        accumulation_steps=accumulation_steps,
-        chunk_size=chunk_size,
-        row_shards=1 if mesh is None else mesh.shape.get("fsdp", 1),
+        _summed_loss_and_grads, model, lora_cfg, accumulation_steps=accumulation_steps, chunk_size=chunk_size
     )
-    if data_mesh is None:
+    axes = _rank_axes(mesh)
+    if not axes:
         total, count, grads = summed(lora, frozen, batch, rng)
     else:
-        ranks = data_mesh.shape["data"]
         rows_axis = 1 if accumulation_steps > 1 else 0
-        per_rank = jax.tree.map(lambda x: _split_rows(x, rows_axis, data_mesh), batch)
+        per_rank = jax.tree.map(lambda x: _split_rows(x, rows_axis, mesh, axes), batch)
+        ranks = next(iter(per_rank.values())).shape[rows_axis]
         keys = None if rng is None else jax.random.split(rng, ranks)
         sums = jax.vmap(summed, in_axes=(None, None, rows_axis, 0))(lora, frozen, per_rank, keys)
         total, count, grads = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
@@ -124,12 +116,19 @@ def mean_loss_and_grads(
     return total / count, count, jax.tree.map(lambda g: g / count, grads)
 
 
-def _split_rows(x: jax.Array, axis: int, mesh: jax.sharding.Mesh) -> jax.Array:
-    """(..., B, ...) -> (..., ranks, B / ranks, ...): the rows of each data rank in their own slot,
-    that slot on its rank's devices (the rows within it split over fsdp, as before)."""
-    ranks = mesh.shape["data"]
+def _rank_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
+    """The mesh axes that split the batch's rows (none: one rank)."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in sharding.BATCH_AXES if mesh.shape.get(a, 1) > 1)
+
+
+def _split_rows(x: jax.Array, axis: int, mesh: jax.sharding.Mesh, rank_axes: tuple[str, ...]) -> jax.Array:
+    """(..., B, ...) -> (..., ranks, B / ranks, ...): the rows of each batch rank in their own slot,
+    that slot on its rank's devices."""
+    ranks = math.prod(mesh.shape[a] for a in rank_axes)
     shape = (*x.shape[:axis], ranks, x.shape[axis] // ranks, *x.shape[axis + 1 :])
-    spec = P(*([None] * axis), "data", "fsdp")
+    spec = P(*([None] * axis), rank_axes)
     return jax.lax.with_sharding_constraint(x.reshape(shape), jax.sharding.NamedSharding(mesh, spec))
 
 
@@ -146,11 +145,6 @@ def default_shardings(tree: Any) -> Any:
 def _mesh(shardings: Any) -> jax.sharding.Mesh | None:
     """The mesh of a sharded run (None: one device)."""
     return getattr(next(iter(jax.tree.leaves(shardings)), None), "mesh", None)
-
-
-def _data_parallel_mesh(mesh: jax.sharding.Mesh | None) -> jax.sharding.Mesh | None:
-    """`mesh` when its data axis splits the batch (None: one rank)."""
-    return mesh if mesh is not None and mesh.shape.get("data", 1) > 1 else None
 
 
 @contextlib.contextmanager
