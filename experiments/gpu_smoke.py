@@ -43,10 +43,11 @@ STEPS, EVERY, STOP_AFTER = 20, 5, 8
 # a GPU shows, e.g. a restore that silently starts from fresh state (differences of 1e-2 and up).
 LOSS_TOLERANCE = 1e-3
 NOISE_FACTOR = 3.0
+TWO_GPUS = {"CUDA_VISIBLE_DEVICES": "0,1"}  # also on a larger machine: a 2-device mesh sees exactly 2
 LAYOUTS = {
     "1 GPU": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1"]),
-    "2 GPUs, mesh.data=2": ({}, ["--config.mesh.data=2"]),
-    "2 GPUs, mesh.fsdp=2": ({}, ["--config.mesh.data=1", "--config.mesh.fsdp=2"]),
+    "2 GPUs, mesh.data=2": (TWO_GPUS, ["--config.mesh.data=2"]),
+    "2 GPUs, mesh.fsdp=2": (TWO_GPUS, ["--config.mesh.data=1", "--config.mesh.fsdp=2"]),
 }
 
 
