@@ -43,10 +43,12 @@ def run_jax(
     seq_tile: int = 0,
     warmup: int = 3,
     dequant_slices: int = 1,
+    offload_embeddings: bool = False,
 ) -> dict:
     import jax
 
     from qlora_jax import lora as lora_lib
+    from qlora_jax.models import frozen as frozen_lib
     from qlora_jax.models import llama
     from qlora_jax.train import step as step_lib
     from qlora_jax.train.optim import OptimConfig, make_optimizer
@@ -59,6 +61,8 @@ def run_jax(
         seq_tile=seq_tile,
         dequant_slices=dequant_slices,
     )
+    if offload_embeddings:
+        frozen = frozen_lib.tables_to_host(frozen)
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload)
@@ -89,6 +93,7 @@ def run_jax(
         "quantization": quantization,
         "seq_tile": seq_tile,
         "dequant_slices": dequant_slices,
+        "offload_embeddings": offload_embeddings,
         "peak_after_init_gib": peak_after_init,
         **plan,
         "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
@@ -100,7 +105,7 @@ def framework_command(framework: str, name: str, batch: int, seq: int, a: argpar
     here = os.path.dirname(os.path.abspath(__file__))
     if framework == "qlora_jax":
         flags = ("r", "steps", "warmup", "remat", "offload", "loss_chunk", "quantization", "seq_tile")
-        flags += ("dequant_slices",)
+        flags += ("dequant_slices", "offload_embeddings")
         return [__file__, "--child", f"{name}:{batch}x{seq}", *(f"--{k}={getattr(a, k)}" for k in flags)]
     script = {"torch": "bench_torch.py", "unsloth": "bench_unsloth.py"}[framework]
     cmd = [os.path.join(here, script), f"--preset={name}", f"--batch={batch}", f"--seq={seq}", f"--r={a.r}"]
@@ -146,6 +151,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="nf4", help="qlora_jax: nf4 | none (dense bf16: a ceiling)")
     p.add_argument("--seq_tile", type=int, default=0, help="qlora_jax: MLP sequence tile (0: whole)")
     p.add_argument("--dequant_slices", type=int, default=1, help="qlora_jax: NF4 dequant slices")
+    p.add_argument("--offload_embeddings", type=int, default=0, help="qlora_jax: 1: tables in host memory")
     p.add_argument("--model_dir", default=".bench_models", help="unsloth: where its random models are saved")
     p.add_argument("--call", default="", help="call id shared by the rows (default: now)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
@@ -174,6 +180,7 @@ def main() -> None:
             a.seq_tile,
             a.warmup,
             a.dequant_slices,
+            bool(a.offload_embeddings),
         )
         child_runs.report(result)
         return

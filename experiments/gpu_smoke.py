@@ -47,7 +47,11 @@ TWO_GPUS = {"CUDA_VISIBLE_DEVICES": "0,1"}  # also on a larger machine: a 2-devi
 LAYOUTS = {
     "1 GPU": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1"]),
     "2 GPUs, mesh.data=2": (TWO_GPUS, ["--config.mesh.data=2"]),
-    "2 GPUs, mesh.fsdp=2": (TWO_GPUS, ["--config.mesh.data=1", "--config.mesh.fsdp=2"]),
+    # the embedding and head tables in host memory (model.offload_embeddings) on one layout
+    "2 GPUs, mesh.fsdp=2, tables on host": (
+        TWO_GPUS,
+        ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.model.offload_embeddings=True"],
+    ),
 }
 
 

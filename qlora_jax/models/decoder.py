@@ -485,7 +485,7 @@ class Llama:
     def logits(self, frozen: Any, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (tied head uses the embedding), soft-capped
         when the family caps them (Gemma 2's final_logit_softcapping)."""
-        w_VxD = dense_weight(self.head_weight(frozen), hidden_BxTxD.dtype)
+        w_VxD = dense_weight(laid_out(self.head_weight(frozen)), hidden_BxTxD.dtype)
         logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, w_VxD, preferred_element_type=jnp.float32)
         return attention.soft_cap(logits, self.config.final_logit_softcapping)
 

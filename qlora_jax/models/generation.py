@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.models.decoder import Llama
+from qlora_jax.models.linear import on_device
 from qlora_jax.sampling import SamplingConfig, next_token
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this, so lengths share compilations
@@ -35,6 +36,7 @@ def _generate_padded(
     eos_ids: tuple[int, ...],
     pad_id: int,
 ):
+    frozen = on_device(frozen)  # tables kept in host memory come in once, not once per token
     batch, prompt_len = tokens_BxP.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     logits, cache = model.apply(frozen, lora, tokens_BxP, attention_mask=mask_BxP, cache=cache)

@@ -34,7 +34,9 @@ ADAPTER_IN = "adapter_in"
 
 
 def laid_out(weight: FrozenWeight) -> FrozenWeight:
-    """The frozen weight as the matmul wants it laid out (a no-op without a mesh's rules)."""
+    """The frozen weight as the matmul wants it: in device memory (a table kept in host memory,
+    `frozen.tables_to_host`, is copied in) and laid out (a no-op without a mesh's rules)."""
+    weight = on_device(weight)
     if isinstance(weight, NF4Tensor):
         flat = lambda x: None if x is None else nn.with_logical_constraint(x, (WEIGHT_ROWS,))  # noqa: E731
         return dataclasses.replace(
@@ -44,6 +46,12 @@ def laid_out(weight: FrozenWeight) -> FrozenWeight:
             nested_absmax=flat(weight.nested_absmax),
         )
     return nn.with_logical_constraint(weight, (WEIGHT_ROWS, None))
+
+
+def on_device(tree: Any) -> Any:
+    """`tree` with every leaf held in host memory copied to device memory (others untouched)."""
+    host = lambda x: jax.typeof(x).memory_space == jax.memory.Space.Host  # noqa: E731
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device) if host(x) else x, tree)
 
 
 def dense_weight(weight: FrozenWeight, dtype: Any) -> jax.Array:

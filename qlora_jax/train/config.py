@@ -37,6 +37,7 @@ class ModelSettings:
     remat_policy: str
     seq_tile: int  # tokens per MLP tile (0: whole sequence)
     dequant_slices: int  # NF4 weights dequantized this many slices at a time (1: whole)
+    offload_embeddings: bool  # embedding and head tables in pinned host memory between uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.remat_policy": _one_of(REMAT_POLICIES),
     "model.seq_tile": _int_at_least(0),
     "model.dequant_slices": _int_at_least(1),
+    "model.offload_embeddings": _one_of((True, False)),
     "lora.r": _int_at_least(1),
     "lora.alpha": _number(0, _INF, low_open=True),
     "lora.dropout": _number(0, 1),
