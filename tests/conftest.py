@@ -41,32 +41,32 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_DEVICES_FLAG}
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The longest test files, longest first (summed `--durations=0` times of a quiet run on a 2-CPU
-# machine, 2026-11-27: 10-110 s each, a session fixture counted in the first file to use it on its
-# worker); the other files, under 10 s each, follow in collection order.
+# The longest test files, longest first (summed `--durations=0` times of a full run on a 2-CPU
+# machine shared with other work, 2026-11-27, 1,063 s in all: 9-106 s each, a session fixture
+# counted in the first file to use it on its worker); the other files follow in collection order.
 # `--dist loadfile` runs a file whole on one worker, so a long file handed out last leaves the
 # other worker idle until it ends; handing out the longest first lets the short ones even out the
 # two workers at the end.
 LONGEST_FILES = [
-    "tests/models/test_llama_smollm2.py",
     "tests/test_sharding.py",
-    "tests/train/test_step.py",
-    "tests/io/test_checkpoint.py",
-    "tests/test_sharding_cli.py",
-    "tests/train/test_peft_parity.py",
     "tests/quant/test_nf4_bnb.py",
+    "tests/train/test_peft_parity.py",
+    "tests/io/test_checkpoint.py",
+    "tests/train/test_step.py",
+    "tests/models/test_llama_smollm2.py",
     "tests/models/test_families.py",
+    "tests/test_sharding_cli.py",
     "tests/test_errors.py",
-    "tests/test_compare.py",
     "tests/models/test_llama_random.py",
-    "tests/io/test_bnb4bit.py",
     "tests/quant/test_nf4_jax.py",
-    "tests/train/test_cli.py",
+    "tests/test_compare.py",
     "tests/models/test_config_and_init.py",
-    "tests/test_export_cli.py",
+    "tests/io/test_bnb4bit.py",
     "tests/test_lora.py",
+    "tests/test_export_cli.py",
+    "tests/train/test_cli.py",
     "tests/quant/test_report.py",
-    "tests/models/test_linear.py",
+    "tests/io/test_peft_export.py",
     "tests/data/test_packing.py",
 ]
 
