@@ -48,7 +48,6 @@ def run_jax(
     import jax
 
     from qlora_jax import lora as lora_lib
-    from qlora_jax.models import frozen as frozen_lib
     from qlora_jax.models import llama
     from qlora_jax.train import step as step_lib
     from qlora_jax.train.optim import OptimConfig, make_optimizer
@@ -60,9 +59,8 @@ def run_jax(
         remat_policy=remat,
         seq_tile=seq_tile,
         dequant_slices=dequant_slices,
+        offload_embeddings=offload_embeddings,
     )
-    if offload_embeddings:
-        frozen = frozen_lib.tables_to_host(frozen)
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload)

@@ -69,6 +69,9 @@ REMAT_POLICY_FNS = {
 # offload_attention there, offload below. Measured on H100, Llama-3-8B shape: offload_attention
 # is 6% slower at 2,048 tokens and 12% faster at 65,536 (experiments/NOTES.md, issue 18).
 AUTO_ATTENTION_OFFLOAD_TOKENS = 16384
+# cuDNN's fused attention refuses some sequence lengths when differentiated (odd ones, JAX 0.11:
+# "Unsupported sequence length"); the flash path pads q, k, v to a multiple of this at the end
+CUDNN_LENGTH_MULTIPLE = 64
 
 
 def remat_policy_name(policy: str, length: int) -> str:
@@ -139,6 +142,22 @@ def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array
     return "cudnn" if jax.default_backend() == "gpu" and flash_ok and mask is None else "xla"
 
 
+def causal_padded(attend: Any, multiple: int) -> Any:
+    """Mask-free causal `attend(q, k, v, mask=None)` run on q, k and v padded at the end to a
+    multiple of `multiple` tokens, the padding cut from the output. Exact: no real query attends
+    to a later key, so the padded keys are never seen, and the padded queries' outputs (and so
+    their gradients) are dropped."""
+
+    def padded(q, k, v, mask=None):
+        length = q.shape[1]
+        widths = ((0, 0), (0, -length % multiple), (0, 0), (0, 0))
+        if not any(widths[1]):
+            return attend(q, k, v, mask=mask)
+        return attend(*(jnp.pad(x, widths) for x in (q, k, v)), mask=mask)[:, :length]
+
+    return padded
+
+
 @functools.cache
 def _named_residual_attention(**static: Any) -> Any:
     """jax.nn.dot_product_attention(q, k, v, mask, **static) whose backward residuals, other than
@@ -151,6 +170,8 @@ def _named_residual_attention(**static: Any) -> Any:
         attend = functools.partial(jax.nn.dot_product_attention, **static)
     else:
         attend = functools.partial(softcapped_attention, softcap=softcap, **static)
+    if static.get("implementation") == "cudnn" and static.get("is_causal"):
+        attend = causal_padded(attend, CUDNN_LENGTH_MULTIPLE)
 
     @jax.custom_vjp
     def attention(q, k, v, mask):
@@ -485,9 +506,17 @@ class Llama:
     def logits(self, frozen: Any, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (tied head uses the embedding), soft-capped
         when the family caps them (Gemma 2's final_logit_softcapping)."""
-        w_VxD = dense_weight(laid_out(self.head_weight(frozen)), hidden_BxTxD.dtype)
-        logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, w_VxD, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "btd,vd->btv", hidden_BxTxD, self.head(frozen, hidden_BxTxD), preferred_element_type=jnp.float32
+        )
         return attention.soft_cap(logits, self.config.final_logit_softcapping)
+
+    def head(self, frozen: Any, hidden_BxTxD: jax.Array) -> jax.Array:
+        """The (vocab, hidden) head in the hidden states' dtype, as the matmul wants it. Its copy
+        from host memory (`frozen.tables_in_host_memory`) waits for the hidden states (the barrier), so
+        the head is not on the device while the layers' activations are."""
+        _, weight = jax.lax.optimization_barrier((hidden_BxTxD, self.head_weight(frozen)))
+        return dense_weight(laid_out(weight), hidden_BxTxD.dtype)
 
     def head_weight(self, frozen: Any):
         """The (vocab, hidden) output projection: lm_head, or the embedding when tied."""

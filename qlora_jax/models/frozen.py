@@ -339,11 +339,11 @@ def random_init(
 TABLES = ("embed_tokens", "embed_positions", "lm_head")  # (rows, hidden) lookup and output tables
 
 
-def tables_to_host(frozen: dict[str, Any]) -> dict[str, Any]:
-    """The frozen tree with its embedding and head tables moved to pinned host memory, each
-    device's share where it was. A step copies a table to the device where it uses it
-    (`linear.laid_out`) and frees it after: the lookup at the start, the head at the loss, whose
-    gradient is formed in the forward pass, so no table is on the device during the backward
-    pass (for Llama 3's 128k vocabulary, 2 GiB of bf16)."""
-    to_host = lambda x: jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))  # noqa: E731
-    return {name: jax.tree.map(to_host, part) if name in TABLES else part for name, part in frozen.items()}
+def tables_in_host_memory(shardings: dict[str, Any]) -> dict[str, Any]:
+    """A frozen tree's shardings with its embedding and head tables' moved to pinned host memory,
+    each device's share where it was. A step copies a table to the device where it uses it
+    (`linear.laid_out`) and frees it after: the lookup at the start, the head at the loss (after
+    the layers, `Llama.head`), whose gradient is formed in the forward pass, so no table is on the
+    device during the backward pass (for Llama 3's 128k vocabulary, 2 GiB of bf16)."""
+    to_host = lambda s: s.with_memory_kind("pinned_host")  # noqa: E731
+    return {name: jax.tree.map(to_host, part) if name in TABLES else part for name, part in shardings.items()}

@@ -35,7 +35,7 @@ ADAPTER_IN = "adapter_in"
 
 def laid_out(weight: FrozenWeight) -> FrozenWeight:
     """The frozen weight as the matmul wants it: in device memory (a table kept in host memory,
-    `frozen.tables_to_host`, is copied in) and laid out (a no-op without a mesh's rules)."""
+    `frozen.tables_in_host_memory`, is copied in) and laid out (a no-op without a mesh's rules)."""
     weight = on_device(weight)
     if isinstance(weight, NF4Tensor):
         flat = lambda x: None if x is None else nn.with_logical_constraint(x, (WEIGHT_ROWS,))  # noqa: E731

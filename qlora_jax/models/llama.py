@@ -7,7 +7,7 @@ library's own modules import models.decoder, never this one.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,10 +29,11 @@ def from_pretrained(
     quantization: str | Quantization | None = "nf4",
     dtype: Any = "bfloat16",
     mesh: jax.sharding.Mesh | None = None,
+    offload_embeddings: bool = False,
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
     """(model, frozen tree on the default device, or split over `mesh`) from a HF directory or a
-    GGUF file.
+    GGUF file; the embedding and head tables in pinned host memory with `offload_embeddings`.
 
     `dtype` is both the compute dtype and the storage dtype of dense weights (embeddings,
     unquantized linears); linears are quantized as they are read. With a mesh each leaf goes
@@ -42,8 +43,25 @@ def from_pretrained(
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg, frozen = hf.load(path, quant, dtype, dtype=dtype, **runtime)
-    shardings = None if mesh is None else sharding.frozen_shardings(mesh, frozen)
-    return Llama(cfg), _device_put_consuming(frozen, shardings)
+    placement = _placement(mesh, offload_embeddings)
+    return Llama(cfg), _device_put_consuming(frozen, None if placement is None else placement(frozen))
+
+
+def _placement(mesh: jax.sharding.Mesh | None, offload_embeddings: bool) -> Callable[[Any], Any] | None:
+    """Where each leaf of a frozen tree goes as it is built (None: the default device): its shards
+    on `mesh` or the default device, the embedding and head tables in pinned host memory with
+    `offload_embeddings` (never on the device whole, so they add nothing to the load's peak)."""
+    if mesh is None and not offload_embeddings:
+        return None
+
+    def shardings(frozen: Any) -> Any:
+        if mesh is not None:
+            placed = sharding.frozen_shardings(mesh, frozen)
+        else:
+            placed = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), frozen)
+        return frozen_lib.tables_in_host_memory(placed) if offload_embeddings else placed
+
+    return shardings
 
 
 def _device_put_consuming(host_tree: dict[str, Any], shardings: Any = None) -> Any:
@@ -65,13 +83,15 @@ def random_init(
     dtype: Any = "bfloat16",
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    offload_embeddings: bool = False,
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
     """(model, frozen tree) of a named shape with random weights, built and quantized on device
-    (with a mesh: on every device at once, each keeping only its share)."""
+    (with a mesh: on every device at once, each keeping only its share); the embedding and head
+    tables in pinned host memory with `offload_embeddings`."""
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg = named_preset(preset) if isinstance(preset, str) else preset
     cfg = cfg.replace(dtype=dtype, **runtime)
-    shardings = None if mesh is None else functools.partial(sharding.frozen_shardings, mesh)
+    shardings = _placement(mesh, offload_embeddings)
     return Llama(cfg), frozen_lib.random_init(cfg, jax.random.key(seed), quant, dtype, shardings=shardings)

@@ -9,7 +9,6 @@ import numpy as np
 from qlora_jax.data import pipeline, sources
 from qlora_jax.io.gguf import embedded_model_path
 from qlora_jax.io.hf import load_config, load_tokenizer
-from qlora_jax.models import frozen as frozen_lib
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.decoder import Llama
@@ -50,11 +49,10 @@ def load_weights(m: ModelSettings, path: str, seed: int, mesh: Any = None) -> tu
     """(model, frozen): random weights for a preset name, else streamed and quantized from the file;
     with a mesh each device gets only its share (never the whole base); the embedding and head
     tables in host memory with model.offload_embeddings."""
+    placed = {"mesh": mesh, "offload_embeddings": m.offload_embeddings}
     if path in PRESETS:
-        model, frozen = llama.random_init(path, m.quantization, m.dtype, seed=seed, mesh=mesh, **runtime(m))
-    else:
-        model, frozen = llama.from_pretrained(path, m.quantization, m.dtype, mesh=mesh, **runtime(m))
-    return model, frozen_lib.tables_to_host(frozen) if m.offload_embeddings else frozen
+        return llama.random_init(path, m.quantization, m.dtype, seed=seed, **placed, **runtime(m))
+    return llama.from_pretrained(path, m.quantization, m.dtype, **placed, **runtime(m))
 
 
 def load_model(run: RunConfig) -> tuple[Llama, Any, Any]:

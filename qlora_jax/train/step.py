@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 from qlora_jax import sharding
 from qlora_jax.lora import LoraConfig
 from qlora_jax.models.decoder import Llama
-from qlora_jax.models.linear import dense_weight, laid_out
 from qlora_jax.train.loss import chunked_cross_entropy
 from qlora_jax.train.optim import OptimConfig
 from qlora_jax.train.state import TrainState
@@ -53,10 +52,9 @@ def loss_sum(
         lora_dropout=lora_cfg.dropout,
         return_hidden=True,
     )
-    head = dense_weight(laid_out(model.head_weight(frozen)), hidden.dtype)
     return chunked_cross_entropy(
         hidden,
-        head,
+        model.head(frozen, hidden),
         batch["targets"],
         batch["loss_mask"],
         chunk_size,

@@ -247,3 +247,24 @@ def test_base_fingerprint_is_the_same_in_a_second_process(tiny_model, tmp_path):
     loaded_model, loaded = llama.from_pretrained(tiny_model, "nf4")
     here = [base_fingerprint(model.config, frozen), base_fingerprint(loaded_model.config, loaded)]
     assert out.stdout.split() == here
+
+
+def test_offloaded_tables_are_placed_in_host_memory_as_built_with_the_same_values(tiny_model):
+    """offload_embeddings puts the embedding and head tables in pinned host memory as they are
+    built or loaded (so they never add to the device's load peak) and changes nothing else: the
+    base fingerprint is the same, so a run may resume with the option flipped."""
+    from qlora_jax.io.checkpoint import base_fingerprint
+    from qlora_jax.models.frozen import TABLES
+
+    untied = small_config(num_layers=2, tie_word_embeddings=False)
+    makers = {
+        "random_init": lambda **kw: llama.random_init(untied, seed=3, **kw),
+        "from_pretrained": lambda **kw: llama.from_pretrained(tiny_model, "nf4", **kw),
+    }
+    for name, make in makers.items():
+        model, host = make(offload_embeddings=True)
+        _, device = make()
+        kinds = {part: {x.sharding.memory_kind for x in jax.tree.leaves(host[part])} for part in host}
+        assert {kinds[t] == {"pinned_host"} for t in TABLES if t in kinds} == {True}, (name, kinds)
+        assert kinds["layers"] == {"device"}, name
+        assert base_fingerprint(model.config, host) == base_fingerprint(model.config, device), name

@@ -15,6 +15,7 @@ import pytest
 
 from qlora_jax import lora as lora_lib
 from qlora_jax.models import decoder, linear, llama
+from qlora_jax.models import frozen as frozen_lib
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.optim import OptimConfig, make_optimizer
 from tests.models.hf_reference import small_config
@@ -84,15 +85,19 @@ def test_sequence_tiles_and_offload_policies_give_the_same_loss_and_grads():
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=policy)
 
 
+def _tables_to_host(frozen):
+    """The same weights with the embedding and head tables moved to pinned host memory."""
+    shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    return jax.device_put(frozen, frozen_lib.tables_in_host_memory(shardings))
+
+
 def test_tables_in_host_memory_train_as_on_the_device():
     """model.offload_embeddings: the embedding and head tables live in pinned host memory and are
     copied in where a step uses them; the arithmetic is the same, so losses and gradients agree
     (rtol 1e-6: only the copies and the fusion around them differ). On CPU, host memory is
     addressable by the computation anyway; experiments/gpu_smoke.py runs the option on GPUs."""
-    from qlora_jax.models import frozen as frozen_lib
-
     model, frozen, tree = _setup(remat_policy="full")
-    host = frozen_lib.tables_to_host(frozen)
+    host = _tables_to_host(frozen)
     for name in ("embed_tokens", "lm_head"):
         assert host[name]["weight"].sharding.memory_kind == "pinned_host"
     assert host["layers"]["mlp"]["up_proj"]["weight"].packed.sharding.memory_kind != "pinned_host"
@@ -102,6 +107,29 @@ def test_tables_in_host_memory_train_as_on_the_device():
     np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+
+
+def test_the_head_is_copied_in_only_after_the_hidden_states():
+    """With the head in host memory, its copy to the device takes the head from a barrier that
+    also waits for the final hidden states, so XLA cannot issue it during the layers (where it
+    would sit on the device beside their activations: 1 GiB for Llama 3's head)."""
+    model, frozen, tree = _setup(remat_policy="full")
+    host = _tables_to_host(frozen)
+    batch = _batch(np.random.default_rng(0), (2, 16))
+    closed = jax.make_jaxpr(lambda lora, frozen: step_lib.loss_sum(model, LORA, lora, frozen, batch, None))(
+        tree, host
+    )
+    head_index = next(i for i, x in enumerate(jax.tree.leaves(host)) if x is host["lm_head"]["weight"])
+    head = closed.jaxpr.invars[len(jax.tree.leaves(tree)) + head_index]
+    barriers = [
+        e for e in closed.jaxpr.eqns if e.primitive.name == "optimization_barrier" and head in e.invars
+    ]
+    assert len(barriers) == 1
+    (barrier,) = barriers
+    assert any(v.aval.shape[-1] == model.config.hidden_size and v.aval.ndim == 3 for v in barrier.invars)
+    copies = [e for e in closed.jaxpr.eqns if e.primitive.name == "device_put"]
+    copied = {v for e in copies for v in e.invars}
+    assert head not in copied and copied & set(barrier.outvars)
 
 
 def _sub_jaxprs(param):
