@@ -58,7 +58,7 @@ GEMMA_FIELDS = (
 LAYER_TYPES = ("sliding_attention", "full_attention")
 QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default when config.json has no head_dim
 REMAT_POLICIES = (
-    "auto",  # offload below 16,384 tokens per row, offload_attention from there (decoder.py)
+    "auto",  # offload; offload_attention from 16,384 tokens per row where the host holds it
     "none",  # keep every activation (no rematerialization)
     "full",  # save only the layer inputs, recompute the rest in backward
     "offload",  # as full, with the saved layer inputs in pinned host memory (copies overlap compute)

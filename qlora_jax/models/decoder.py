@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -74,11 +75,30 @@ AUTO_ATTENTION_OFFLOAD_TOKENS = 16384
 CUDNN_LENGTH_MULTIPLE = 64
 
 
-def remat_policy_name(policy: str, length: int) -> str:
-    """The concrete remat policy for rows of `length` tokens ("auto" resolved)."""
+# XLA's GPU client keeps offloaded buffers in a pinned host pool of this many GB unless the
+# environment variable names another size (the training CLI sizes it to the machine: cli.py)
+HOST_POOL_VARIABLE, HOST_POOL_DEFAULT_GB = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", 64
+HOST_POOL_FOR_ACTIVATIONS = 0.9  # the rest: the offloaded optimizer state and tables
+
+
+def host_pool_bytes() -> float:
+    """The pinned host pool XLA's GPU client may fill with offloaded buffers, in bytes."""
+    return float(os.environ.get(HOST_POOL_VARIABLE, HOST_POOL_DEFAULT_GB)) * 1e9
+
+
+def remat_policy_name(policy: str, cfg: LlamaConfig, batch: int, length: int) -> str:
+    """The concrete remat policy for `batch` rows of `length` tokens ("auto" resolved): offload
+    below AUTO_ATTENTION_OFFLOAD_TOKENS; from there offload_attention where its host copies (each
+    layer's input, attention output and softmax statistics, for every local device's rows) fit
+    the host pool, else offload (Llama-3-8B: 64 GiB at 131,072 tokens, 128 GiB at 262,144)."""
     if policy != "auto":
         return policy
-    return "offload_attention" if length >= AUTO_ATTENTION_OFFLOAD_TOKENS else "offload"
+    if length < AUTO_ATTENTION_OFFLOAD_TOKENS:
+        return "offload"
+    width = jnp.dtype(cfg.dtype).itemsize
+    per_token = cfg.hidden_size * width + cfg.num_heads * (cfg.head_dim * width + 4)
+    need = per_token * cfg.num_layers * batch * length * jax.local_device_count()
+    return "offload_attention" if need <= HOST_POOL_FOR_ACTIVATIONS * host_pool_bytes() else "offload"
 
 
 class KVCache(NamedTuple):
@@ -406,7 +426,7 @@ class Decoder(nn.Module):
             sliding_cos, sliding_sin = cos_sin(local, positions_BxT, dtype)
             ctx = ctx._replace(sliding_cos=sliding_cos, sliding_sin=sliding_sin)
         layer = DecoderLayer
-        policy = remat_policy_name(cfg.remat_policy, tokens_BxT.shape[1])
+        policy = remat_policy_name(cfg.remat_policy, cfg, *tokens_BxT.shape)
         if policy != "none":
             layer = nn.remat(layer, policy=REMAT_POLICY_FNS[policy], prevent_cse=False)
         layers = nn.scan(

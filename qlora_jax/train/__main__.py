@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # absl would print every JAX INFO line
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.size_host_pool()
     cli.use_compilation_cache()
     try:
         train_and_evaluate(config.parse(_CONFIG.value))

@@ -13,6 +13,7 @@ from absl import app, flags
 
 BAD_INPUT = 2  # exit code of a run stopped by its input (config, model or data)
 DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "qlora_jax", "jax")
+HOST_POOL_SHARE = 0.85  # of the machine's memory: one process per host (README, several GPUs)
 
 # the parsers ml_collections' config flags use for scalar fields: accept exactly what they accept
 _PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
@@ -95,3 +96,15 @@ def use_compilation_cache() -> None:
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(DEFAULT_COMPILATION_CACHE))
+
+
+def size_host_pool() -> None:
+    """Let XLA's GPU client keep offloaded activations in up to 85% of the machine's memory (its
+    own default is 64 GB: too small for the layer inputs of Llama-3-8B past ~250k tokens, or
+    for offload_attention past ~110k), unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB is set. Read
+    when the GPU client starts, so call it before anything touches a device."""
+    from qlora_jax.models.decoder import HOST_POOL_VARIABLE  # "auto" remat reads it back
+
+    if HOST_POOL_VARIABLE not in os.environ:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        os.environ[HOST_POOL_VARIABLE] = str(int(HOST_POOL_SHARE * memory_gb))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -122,3 +123,18 @@ def test_the_cli_keeps_compiled_steps_in_a_persistent_cache_unless_told_otherwis
         assert jax.config.jax_compilation_cache_dir.endswith("/.cache/qlora_jax/jax")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_host_pool_is_sized_to_the_machine_unless_set(monkeypatch):
+    """The CLI lets XLA keep offloaded activations in 85% of the machine's memory (XLA's own
+    default, 64 GB, stops Llama-3-8B's long contexts); a value the user set is kept."""
+    from qlora_jax.models.decoder import HOST_POOL_VARIABLE, host_pool_bytes
+    from qlora_jax.train import cli
+
+    monkeypatch.setenv(HOST_POOL_VARIABLE, "7")
+    cli.size_host_pool()
+    assert host_pool_bytes() == 7e9
+    monkeypatch.delenv(HOST_POOL_VARIABLE)
+    cli.size_host_pool()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0.84 * memory <= host_pool_bytes() + 1e9 and host_pool_bytes() <= 0.85 * memory

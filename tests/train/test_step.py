@@ -298,7 +298,23 @@ def test_train_step_donates_lora_and_opt_state(offload):
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
 
 
-def test_auto_remat_policy_offloads_attention_from_16k_tokens_per_row():
-    assert decoder.remat_policy_name("auto", 16383) == "offload"
-    assert decoder.remat_policy_name("auto", 16384) == "offload_attention"
-    assert decoder.remat_policy_name("full", 65536) == "full"
+def test_auto_remat_policy_offloads_attention_from_16k_tokens_per_row_where_the_host_holds_it(monkeypatch):
+    """Llama-3-8B keeps 528 KB per token on the host with offload_attention (32 layers x (4096 x 2 B
+    input + 4096 x 2 B output + 32 x 4 B statistics)): 69 GB at 131,072 tokens, over XLA's 64 GB
+    default pool; 138 GB at 262,144, over a 128 GiB machine's (cli.py sizes the pool at 85%)."""
+    from qlora_jax.models.presets import preset
+
+    cfg = preset("llama3-8b")
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+    monkeypatch.delenv(decoder.HOST_POOL_VARIABLE, raising=False)
+    assert decoder.remat_policy_name("auto", cfg, 1, 16383) == "offload"
+    assert decoder.remat_policy_name("auto", cfg, 1, 16384) == "offload_attention"
+    assert decoder.remat_policy_name("auto", cfg, 1, 65536) == "offload_attention"
+    assert decoder.remat_policy_name("auto", cfg, 1, 131072) == "offload"
+    assert decoder.remat_policy_name("auto", cfg, 2, 65536) == "offload"  # the same tokens in two rows
+    assert decoder.remat_policy_name("full", cfg, 1, 65536) == "full"
+    monkeypatch.setenv(decoder.HOST_POOL_VARIABLE, "114")
+    assert decoder.remat_policy_name("auto", cfg, 1, 131072) == "offload_attention"
+    assert decoder.remat_policy_name("auto", cfg, 1, 262144) == "offload"
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)  # two GPUs' rows share the host
+    assert decoder.remat_policy_name("auto", cfg, 1, 131072) == "offload"
