@@ -54,33 +54,34 @@ def _chunk(i, chunk_t, *arrays):
     return [jax.lax.dynamic_slice_in_dim(x, i * chunk_t, chunk_t, axis=1) for x in arrays]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _summed_loss(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap):
-    """The loss alone (evaluation, or any use that is not differentiated)."""
-
-    def body(i, total):
-        h, t, m = _chunk(i, chunk_t, hidden_BxTxD, targets_BxT, mask_BxT)
-        return total + _chunk_loss(h, w_VxD, t, m, logit_softcap)
-
-    n = hidden_BxTxD.shape[1] // chunk_t
-    return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
-
-
-def _summed_loss_fwd(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap):
-    """The loss and, chunk by chunk, its gradient w.r.t. the hidden states (the residual)."""
+def _chunk_loop(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap, with_grad):
+    """(summed loss, its gradient w.r.t. the hidden states or None), chunk by chunk: with_grad,
+    each chunk's gradient is formed from its logits while they are in hand."""
 
     def body(i, carry):
         total, grad_BxTxD = carry
         h, t, m = _chunk(i, chunk_t, hidden_BxTxD, targets_BxT, mask_BxT)
-        loss, vjp = jax.vjp(lambda h: _chunk_loss(h, w_VxD, t, m, logit_softcap), h)
+        chunk_loss = lambda h: _chunk_loss(h, w_VxD, t, m, logit_softcap)  # noqa: E731
+        if grad_BxTxD is None:
+            return total + chunk_loss(h), None
+        loss, vjp = jax.vjp(chunk_loss, h)
         (grad_h,) = vjp(jnp.ones((), jnp.float32))
-        grad_BxTxD = jax.lax.dynamic_update_slice_in_dim(grad_BxTxD, grad_h, i * chunk_t, axis=1)
-        return total + loss, grad_BxTxD
+        return total + loss, jax.lax.dynamic_update_slice_in_dim(grad_BxTxD, grad_h, i * chunk_t, axis=1)
 
     n = hidden_BxTxD.shape[1] // chunk_t
-    init = (jnp.zeros((), jnp.float32), jnp.zeros_like(hidden_BxTxD))
-    total, grad_BxTxD = jax.lax.fori_loop(0, n, body, init)
-    return total, grad_BxTxD
+    init = (jnp.zeros((), jnp.float32), jnp.zeros_like(hidden_BxTxD) if with_grad else None)
+    return jax.lax.fori_loop(0, n, body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _summed_loss(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap):
+    """The loss alone (evaluation, or any use that is not differentiated)."""
+    return _chunk_loop(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap, False)[0]
+
+
+def _summed_loss_fwd(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap):
+    """The loss and, chunk by chunk, its gradient w.r.t. the hidden states (the residual)."""
+    return _chunk_loop(hidden_BxTxD, w_VxD, targets_BxT, mask_BxT, chunk_t, logit_softcap, True)
 
 
 def _summed_loss_bwd(chunk_t, logit_softcap, grad_BxTxD, cotangent):

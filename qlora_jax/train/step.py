@@ -105,8 +105,9 @@ def mean_loss_and_grads(
         total, count, grads = summed(lora, frozen, batch, rng)
     else:
         rows_axis = 1 if accumulation_steps > 1 else 0
-        per_rank = jax.tree.map(lambda x: _split_rows(x, rows_axis, mesh, axes), batch)
-        ranks = next(iter(per_rank.values())).shape[rows_axis]
+        ranks = math.prod(mesh.shape[a] for a in axes)
+        layout = jax.sharding.NamedSharding(mesh, P(*([None] * rows_axis), axes))
+        per_rank = jax.tree.map(lambda x: _split_rows(x, rows_axis, ranks, layout), batch)
         keys = None if rng is None else jax.random.split(rng, ranks)
         sums = jax.vmap(summed, in_axes=(None, None, rows_axis, 0))(lora, frozen, per_rank, keys)
         total, count, grads = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
@@ -121,13 +122,11 @@ def _rank_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
     return tuple(a for a in sharding.BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
-def _split_rows(x: jax.Array, axis: int, mesh: jax.sharding.Mesh, rank_axes: tuple[str, ...]) -> jax.Array:
+def _split_rows(x: jax.Array, axis: int, ranks: int, layout: jax.sharding.NamedSharding) -> jax.Array:
     """(..., B, ...) -> (..., ranks, B / ranks, ...): the rows of each batch rank in their own slot,
-    that slot on its rank's devices."""
-    ranks = math.prod(mesh.shape[a] for a in rank_axes)
+    that slot on its rank's devices (`layout` splits the new axis over the rank axes)."""
     shape = (*x.shape[:axis], ranks, x.shape[axis] // ranks, *x.shape[axis + 1 :])
-    spec = P(*([None] * axis), rank_axes)
-    return jax.lax.with_sharding_constraint(x.reshape(shape), jax.sharding.NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x.reshape(shape), layout)
 
 
 def _memory(shardings: Any, kind: str) -> Any:
