@@ -73,7 +73,7 @@ def run_layout(
     from qlora_jax.train.optim import OptimConfig, make_optimizer
 
     if gspmd:  # the A/B probe: GSPMD's own placement of the gradient sum and the fsdp weights
-        step_lib._data_parallel_mesh = lambda mesh: None
+        step_lib._rank_axes = lambda mesh: ()
         sharding.gathered_rules = lambda mesh: ()
     sizes = dict(kv.split("=") for kv in mesh_spec.split(";"))
     mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})

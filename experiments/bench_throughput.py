@@ -48,6 +48,7 @@ def run_jax(
     import jax
 
     from qlora_jax import lora as lora_lib
+    from qlora_jax import sharding
     from qlora_jax.models import llama
     from qlora_jax.train import step as step_lib
     from qlora_jax.train.optim import OptimConfig, make_optimizer
@@ -65,7 +66,7 @@ def run_jax(
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
     optim_cfg = OptimConfig(lr=2e-4, max_grad_norm=0.3, offload_state=offload)
     optimizer = make_optimizer(optim_cfg)
-    shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, tree))
+    shardings = sharding.default_shardings(jax.eval_shape(optimizer.init, tree))
     state = step_lib.init_opt_state(optimizer, tree, optim_cfg, shardings)
     peak_after_init = peak_gib()
     train_step = step_lib.make_train_step(

@@ -177,6 +177,12 @@ def tree_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]], stack_
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
 
 
+def default_shardings(tree: Any) -> Any:
+    """Every leaf on the first device (single-device runs, no mesh)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda _: device, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A whole copy on every device (counters, keys)."""
     return NamedSharding(mesh, P())

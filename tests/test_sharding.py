@@ -58,8 +58,8 @@ def _build(mesh_cfg: sharding.MeshConfig | None, offload: bool = False):
     abstract_state = jax.eval_shape(optimizer.init, lora)
     if mesh_cfg is None:
         mesh = None
-        lora_sh, state_sh = None, step_lib.default_shardings(abstract_state)
-        lora = jax.device_put(lora, step_lib.default_shardings(lora))  # committed, as the step's outputs
+        lora_sh, state_sh = None, sharding.default_shardings(abstract_state)
+        lora = jax.device_put(lora, sharding.default_shardings(lora))  # committed, as the step's outputs
     else:
         mesh = sharding.make_mesh(mesh_cfg)
         frozen = jax.device_put(frozen, sharding.frozen_shardings(mesh, frozen))

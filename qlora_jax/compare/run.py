@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from qlora_jax import lora as lora_lib
+from qlora_jax import sharding
 from qlora_jax.compare import report, torch_reference
 from qlora_jax.compare.torch_side import TorchTrainer
 from qlora_jax.data.formats import prompt_and_reference
@@ -65,7 +66,7 @@ def compare(run: RunConfig) -> dict[str, Any]:
     fresh = lora_lib.init_lora(jax.random.key(run.train.seed), frozen, model.config, lora_cfg)
     lora = jax.device_put(torch_reference.copy_adapters_into(fresh, peft_model))
     optimizer = make_optimizer(optim_cfg)
-    state_shardings = step_lib.default_shardings(jax.eval_shape(optimizer.init, lora))
+    state_shardings = sharding.default_shardings(jax.eval_shape(optimizer.init, lora))
     opt_state = step_lib.init_opt_state(optimizer, lora, optim_cfg, state_shardings)
     train_step = step_lib.make_train_step(
         model, lora_cfg, optim_cfg, optimizer, state_shardings, run.train.loss_chunk

@@ -55,10 +55,10 @@ def _placement(mesh: jax.sharding.Mesh | None, offload_embeddings: bool) -> Call
         return None
 
     def shardings(frozen: Any) -> Any:
-        if mesh is not None:
-            placed = sharding.frozen_shardings(mesh, frozen)
+        if mesh is None:
+            placed = sharding.default_shardings(frozen)
         else:
-            placed = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), frozen)
+            placed = sharding.frozen_shardings(mesh, frozen)
         return frozen_lib.tables_in_host_memory(placed) if offload_embeddings else placed
 
     return shardings

@@ -133,12 +133,6 @@ def _memory(shardings: Any, kind: str) -> Any:
     return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
 
 
-def default_shardings(tree: Any) -> Any:
-    """Every leaf on the first device (single-device runs); qlora_jax.sharding supplies meshes."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda _: device, tree)
-
-
 def _mesh(shardings: Any) -> jax.sharding.Mesh | None:
     """The mesh of a sharded run (None: one device)."""
     return getattr(next(iter(jax.tree.leaves(shardings)), None), "mesh", None)
@@ -169,7 +163,7 @@ def _update_fn(
     """The pure update (lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics)."""
     offload = optim_cfg.offload_state
     if offload and opt_state_shardings is None:
-        raise ValueError("offload_state needs opt_state_shardings (see default_shardings / sharding.py)")
+        raise ValueError("offload_state needs opt_state_shardings (see sharding.py)")
 
     mesh = _mesh(opt_state_shardings)
 
@@ -312,5 +306,5 @@ def place_opt_state(state: Any, optim_cfg: OptimConfig, opt_state_shardings: Any
     when offloaded."""
     if not optim_cfg.offload_state:
         return state if opt_state_shardings is None else jax.device_put(state, opt_state_shardings)
-    shardings = opt_state_shardings if opt_state_shardings is not None else default_shardings(state)
+    shardings = opt_state_shardings if opt_state_shardings is not None else sharding.default_shardings(state)
     return jax.device_put(state, _memory(shardings, "pinned_host"))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from qlora_jax import lora as lora_lib
+from qlora_jax import sharding
 from qlora_jax.models import decoder, linear, llama
 from qlora_jax.models import frozen as frozen_lib
 from qlora_jax.train import step as step_lib
@@ -180,14 +181,14 @@ def _optimizer_and_step(offload: bool):
     model, _, tree = _setup()
     cfg = OptimConfig(lr=1e-2, offload_state=offload, weight_decay=0.1)
     optimizer = make_optimizer(cfg)
-    shardings = step_lib.default_shardings(optimizer.init(tree))
+    shardings = sharding.default_shardings(optimizer.init(tree))
     train_step = step_lib.make_train_step(model, LORA, cfg, optimizer, shardings if offload else None)
     return cfg, optimizer, shardings, train_step
 
 
 def _committed_copy(tree):
     """A copy of tree, committed like the step's outputs, so the step compiles once (tree is reused)."""
-    return jax.device_put(tree, step_lib.default_shardings(tree), may_alias=False)
+    return jax.device_put(tree, sharding.default_shardings(tree), may_alias=False)
 
 
 def test_offloaded_optimizer_state_lives_in_pinned_host_and_gives_the_same_updates():
