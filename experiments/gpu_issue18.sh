@@ -2,9 +2,9 @@
 # Issue 18's throughput rows as one call on one GPU, cut into stages that each fit the device tool's
 # 10-minute command limit (the full throughput set took longer than 10 minutes on 2026-11-27).
 # Run the stages in order on the same warm machine with one CALL id, then append
-# OUT/throughput.jsonl to experiments/results/ and run plot_throughput.py. The context rows are
-# another call (a machine is held at most 30 minutes; the context queue alone took 28 minutes on
-# 2026-11-28): experiments/gpu_context_queue.sh.
+# OUT/throughput.jsonl to experiments/results/ and run plot_throughput.py. On a machine of several
+# GPUs, run stages as lanes of experiments/gpu_lanes.sh beside the context runs
+# (experiments/gpu_context_runs.sh); a machine is held at most 30 minutes.
 #   usage: CALL=<id> experiments/gpu_issue18.sh STAGE OUT_DIR      STAGE: 1 to 4
 set -uo pipefail
 stage=$1 out=$2
@@ -19,10 +19,13 @@ case $stage in
   3) run bench_throughput.py --shapes llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048 \
        --frameworks qlora_jax --offload_embeddings 1 "${ours[@]}" ;;
   # 70B at 2,048 tokens: the host tables and dequantization slices, then MLP tiles of 1,024 tokens
-  # as well (one tile's (T, 28672) intermediates live in backward, not the sequence's)
+  # as well (one tile's (T, 28672) intermediates live in backward, not the sequence's), then
+  # 512-token tiles and 8 slices (each a further halving of those two temporaries)
   4) run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
        --dequant_slices 4 --offload_embeddings 1 "${ours[@]}"
      run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
-       --dequant_slices 4 --offload_embeddings 1 --seq_tile 1024 "${ours[@]}" ;;
+       --dequant_slices 4 --offload_embeddings 1 --seq_tile 1024 "${ours[@]}"
+     run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
+       --dequant_slices 8 --offload_embeddings 1 --seq_tile 512 "${ours[@]}" ;;
   *) echo "stage $stage: valid stages are 1 to 4" >&2; exit 2 ;;
 esac

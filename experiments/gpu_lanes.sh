@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Several benchmark commands at once on one multi-GPU machine, one GPU ("lane") each, in their own
+# process session so they outlive the device tool's 10-minute commands. `start` launches the lanes
+# and returns; `wait` sleeps while any lane runs (keeping the machine warm), then gathers what the
+# lanes wrote so far into OUT: throughput.jsonl and context.jsonl (all lanes' rows) and lanes.log.
+# Each lane's command sees CUDA_VISIBLE_DEVICES=GPU and LANE_OUT, its own results folder.
+#   usage: experiments/gpu_lanes.sh start GPU 'COMMAND' [GPU 'COMMAND' ...]
+#          experiments/gpu_lanes.sh wait SECONDS OUT
+set -uo pipefail
+work=/tmp/gpu_lanes
+case ${1:-} in
+  start)
+    shift
+    mkdir -p "$work"
+    while (($# >= 2)); do
+      gpu=$1 command=$2
+      shift 2
+      mkdir -p "$work/lane$gpu"
+      CUDA_VISIBLE_DEVICES=$gpu LANE_OUT=$work/lane$gpu setsid bash -c \
+        "$command; echo \"\$(date +%T) lane finished\"" >"$work/lane$gpu.log" 2>&1 </dev/null &
+      echo "lane $gpu started: $command"
+    done
+    ;;
+  wait)
+    seconds=$2 out=$3
+    end=$((SECONDS + seconds))
+    running() { [[ -n $(grep -L "lane finished" "$work"/lane*.log 2>/dev/null) ]]; }
+    while ((SECONDS < end)) && running; do sleep 10; done
+    shopt -s nullglob
+    for kind in throughput context; do
+      rows=("$work"/lane*/"$kind".jsonl)
+      ((${#rows[@]})) && cat "${rows[@]}" >"$out/$kind.jsonl"
+    done
+    for log in "$work"/lane*.log; do echo "=== $log"; tail -c 100000 "$log"; done >"$out/lanes.log"
+    for log in "$work"/lane*.log; do echo "=== $log"; tail -n 6 "$log"; done
+    ;;
+  *) echo "usage: $0 start GPU 'COMMAND' ... | wait SECONDS OUT" >&2; exit 2 ;;
+esac
