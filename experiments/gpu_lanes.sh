@@ -3,7 +3,12 @@
 # process session so they outlive the device tool's 10-minute commands. `start` launches the lanes
 # and returns; `wait` sleeps while any lane runs (keeping the machine warm), then gathers what the
 # lanes wrote so far into OUT: throughput.jsonl and context.jsonl (all lanes' rows) and lanes.log.
-# Each lane's command sees CUDA_VISIBLE_DEVICES=GPU and LANE_OUT, its own results folder.
+# Each lane's command sees CUDA_VISIBLE_DEVICES=GPU and LANE_OUT, its own results folder, and runs
+# in a copy of the repository taken at `start`: the device tool re-copies the working tree at each
+# command, and a lane process started during that copy found its script missing (2026-11-28).
+# The saved random models and compilation cache (experiments/.bench_models) are shared by all.
+# Keep the commands back to back: a machine idle for its release time (30 s) is given back, and
+# its lanes end with it.
 #   usage: experiments/gpu_lanes.sh start GPU 'COMMAND' [GPU 'COMMAND' ...]
 #          experiments/gpu_lanes.sh wait SECONDS OUT
 set -uo pipefail
@@ -11,13 +16,17 @@ work=/tmp/gpu_lanes
 case ${1:-} in
   start)
     shift
-    mkdir -p "$work"
+    repo=$(cd "$(dirname "$0")/.." && pwd)
+    tree=$work/tree-$(date +%s)
+    mkdir -p "$tree" "$work/bench_models"
+    tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./experiments/.bench_models -cf - . | tar -C "$tree" -xf -
+    ln -sfn "$work/bench_models" "$tree/experiments/.bench_models"
     while (($# >= 2)); do
       gpu=$1 command=$2
       shift 2
       mkdir -p "$work/lane$gpu"
       CUDA_VISIBLE_DEVICES=$gpu LANE_OUT=$work/lane$gpu setsid bash -c \
-        "$command; echo \"\$(date +%T) lane finished\"" >"$work/lane$gpu.log" 2>&1 </dev/null &
+        "cd $tree && $command; echo \"\$(date +%T) lane finished\"" >"$work/lane$gpu.log" 2>&1 </dev/null &
       echo "lane $gpu started: $command"
     done
     ;;

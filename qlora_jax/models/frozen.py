@@ -332,8 +332,23 @@ def random_init(
             frozen["lm_head"] = {"weight": store_linear(head, head_quant, dtype)}
         return frozen
 
-    out_shardings = None if shardings is None else shardings(jax.eval_shape(build, rng))
-    return jax.jit(build, out_shardings=out_shardings)(rng)
+    if shardings is None:
+        return jax.jit(build)(rng)
+    placed = shardings(jax.eval_shape(build, rng))
+    # XLA's GPU compiler refuses a jitted output placed in host memory when it is computed on the
+    # device: the tables are built on the device alone first and moved out before the layers are
+    # built, so they are never on the device beside the layers
+    tables = [name for name in TABLES if name in placed]
+    on_device = jax.tree.map(lambda s: s.with_memory_kind("device"), placed)
+    rest = [name for name in placed if name not in tables]
+
+    def part(names: list[str], targets: dict[str, Any]) -> dict[str, Any]:
+        """The named parts of the tree, built by one jit that computes only those (XLA drops the rest)."""
+        pick = lambda key: {name: value for name, value in build(key).items() if name in names}  # noqa: E731
+        return jax.jit(pick, out_shardings={name: targets[name] for name in names})(rng)
+
+    moved = jax.device_put(part(tables, on_device), {name: placed[name] for name in tables})
+    return moved | part(rest, placed)
 
 
 TABLES = ("embed_tokens", "embed_positions", "lm_head")  # (rows, hidden) lookup and output tables
