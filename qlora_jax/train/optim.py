@@ -1,4 +1,5 @@
-"""The optax chain over the adapter tree: clipping, AdamW, HF-style schedules, weight-decay mask.
+"""The optimizer over the adapter tree: clipping, AdamW, HF-style schedules, weight-decay mask,
+with a state per adapter leaf so that an offloaded state can visit the device one leaf at a time.
 
 Defaults are HF Trainer's (AdamW betas 0.9/0.999, eps 1e-8, no weight decay, max_grad_norm 1.0);
 QLoRA recipes set max_grad_norm=0.3 and lr=2e-4 in their configs. Only A, B and trained biases
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,14 +70,59 @@ def _decay_mask(lora: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("a", "b"), lora)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule) on trainable leaves; scales get zero updates."""
+# (leaf index, that leaf's optimizer state) -> the state where its update runs (the device)
+Fetch = Callable[[int, Any], Any]
+# (leaf index, the leaf's new state, its state before the update) -> the state kept (host memory)
+Stash = Callable[[int, Any, Any], Any]
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
+    """clip_by_global_norm over the whole tree -> AdamW(schedule) on trainable leaves; scales get
+    zero updates. The state is a tuple with one AdamW state per adapter leaf (the tree's leaf
+    order), so an offloaded state can visit the device one leaf at a time: `update` takes
+    optional `fetch` and `stash` (Fetch, Stash) and then brings a leaf's moments in only once
+    the leaf two before it has been stashed (one leaf copied in while another updates), instead
+    of all moments at once beside the gradients (for Llama-2-70B at r=16: 1.5 GiB of moments)."""
     adamw = optax.adamw(
         learning_rate(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
     )
-    train = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
 
     def labels(lora: Any) -> Any:
         return jax.tree.map(lambda trains: "train" if trains else "fixed", trainable_mask(lora))
 
-    return optax.multi_transform({"train": train, "fixed": optax.set_to_zero()}, labels)
+    per_leaf = optax.multi_transform({"train": adamw, "fixed": optax.set_to_zero()}, labels)
+    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else None
+
+    def only(treedef: Any, leaves: list[Any], i: int) -> Any:
+        """The tree with leaf i alone (the others None, i.e. absent), so paths and labels hold."""
+        return treedef.unflatten([leaf if j == i else None for j, leaf in enumerate(leaves)])
+
+    def init(params: Any) -> tuple[Any, ...]:
+        leaves, treedef = jax.tree.flatten(params)
+        return tuple(per_leaf.init(only(treedef, leaves, i)) for i in range(len(leaves)))
+
+    def update(
+        updates: Any,
+        state: tuple[Any, ...],
+        params: Any = None,
+        fetch: Fetch | None = None,
+        stash: Stash | None = None,
+        **extra: Any,
+    ) -> tuple[Any, tuple[Any, ...]]:
+        if clip is not None:
+            updates, _ = clip.update(updates, clip.init(updates))
+        grads, treedef = jax.tree.flatten(updates)
+        weights = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
+        out, new_state, stashed = [], [], [updates, updates]
+        for i, leaf_state in enumerate(state):
+            if fetch is not None:  # wait for the gradients and for the leaf two before to leave
+                leaf_state, _ = jax.lax.optimization_barrier((leaf_state, stashed[-2]))
+                leaf_state = fetch(i, leaf_state)
+            leaf_update, new = per_leaf.update(only(treedef, grads, i), leaf_state, only(treedef, weights, i))
+            new = new if stash is None else stash(i, new, leaf_state)
+            out += jax.tree.leaves(leaf_update)
+            new_state.append(new)
+            stashed.append(new)
+        return treedef.unflatten(out), tuple(new_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)

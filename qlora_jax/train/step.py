@@ -172,20 +172,27 @@ def _update_fn(
             loss, tokens, grads = mean_loss_and_grads(
                 model, lora_cfg, lora, frozen, batch, rng, optim_cfg.accumulation_steps, chunk_size, mesh
             )
-        if offload:
-            # the barrier makes the host-to-device copy wait for the gradients, so the state
-            # never sits on the device during the forward/backward pass (the activation peak)
-            grads, opt_state = jax.lax.optimization_barrier((grads, opt_state))
-            opt_state = jax.device_put(opt_state, _memory(opt_state_shardings, "device"))
         grad_norm = optax.global_norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, lora)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        moves = {}
+        if offload:
+            # each leaf's moments come to the device after the gradients, never during the
+            # forward/backward pass (the activation peak), and go back before later leaves come
+            on_device, on_host = (
+                _memory(opt_state_shardings, "device"),
+                _memory(opt_state_shardings, "pinned_host"),
+            )
+            moves["fetch"] = lambda i, state: jax.device_put(state, on_device[i])
+            moves["stash"] = lambda i, new, old: jax.device_put(
+                keep(new, old) if skip_nonfinite else new, on_host[i]
+            )
+        updates, new_opt_state = optimizer.update(grads, opt_state, lora, **moves)
         new_lora = optax.apply_updates(lora, updates)
         if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-            new_lora, new_opt_state = jax.tree.map(keep, (new_lora, new_opt_state), (lora, opt_state))
-        if offload:
-            new_opt_state = jax.device_put(new_opt_state, _memory(opt_state_shardings, "pinned_host"))
+            new_lora = keep(new_lora, lora)
+            if not offload:
+                new_opt_state = keep(new_opt_state, opt_state)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm}
         return new_lora, new_opt_state, metrics
 
