@@ -97,24 +97,30 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_mesh_layouts_train_like_one_device(single_device, layout):
+def _assert_trains_like_one_device(single_device, losses, lora):
     # float32 throughout; only the order of the cross-device sums differs from one device, so the
     # losses agree to float32 rounding (rtol 1e-5). AdamW divides by sqrt(v): a gradient entry
     # near zero can turn a rounding difference into a visible share of its update, so the adapters
     # are held to 1% of the largest move AdamW can make in these steps (lr x steps)
     want_losses, want_lora = single_device
-    losses, lora, _, _ = _train(LAYOUTS[layout])
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(jax.device_get(lora)), jax.tree.leaves(want_lora), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=0.01 * LR * STEPS)
 
 
+# the data layout trains in the offloaded-state test below (one compile fewer)
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "data"])
+def test_mesh_layouts_train_like_one_device(single_device, layout):
+    losses, lora, _, _ = _train(LAYOUTS[layout])
+    _assert_trains_like_one_device(single_device, losses, lora)
+
+
 def test_offloaded_state_is_split_over_the_data_axis_in_pinned_host(single_device):
     """ZeRO-1: under pure data parallelism (adapters replicated) each device keeps 1/8 of every
-    AdamW moment, in pinned host memory, and training is unchanged (rtol 1e-5, as above)."""
+    AdamW moment, in pinned host memory, and training is as on one device (the data layout's
+    check: the other layouts are parametrized above)."""
     losses, lora, state, _ = _train(LAYOUTS["data"], offload=True)
-    np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+    _assert_trains_like_one_device(single_device, losses, lora)
     moments = [x for x in jax.tree.leaves(state) if x.ndim == 3]
     assert moments and all(x.sharding.memory_kind == "pinned_host" for x in moments)
     assert all(x.addressable_shards[0].data.size * 8 == x.size for x in moments)

@@ -177,7 +177,7 @@ def test_to_bnb_layout_matches_quant_state_as_dict():
 QUANTIZE = jax.jit(nf4.quantize, static_argnames=("block_size", "double_quant", "quant_type"))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     n_blocks=st.integers(1, 600),
     block_size=st.sampled_from([32, 64, 128, 256]),
