@@ -77,8 +77,8 @@ Stash = Callable[[int, Any, Any], Any]
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
-    """clip_by_global_norm over the whole tree -> AdamW(schedule) on trainable leaves; scales get
-    zero updates. The state is a tuple with one AdamW state per adapter leaf (the tree's leaf
+    """clip_by_global_norm over the trainable leaves -> AdamW(schedule) on them; scales get zero
+    updates. The state is a tuple with one AdamW state per adapter leaf (the tree's leaf
     order), so an offloaded state can visit the device one leaf at a time: `update` takes
     optional `fetch` and `stash` (Fetch, Stash) and then brings a leaf's moments in only once
     the leaf two before it has been stashed (one leaf copied in while another updates), instead
@@ -91,7 +91,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
         return jax.tree.map(lambda trains: "train" if trains else "fixed", trainable_mask(lora))
 
     per_leaf = optax.multi_transform({"train": adamw, "fixed": optax.set_to_zero()}, labels)
-    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else None
+    # the norm over the trainable leaves only, as before the per-leaf state (and as peft clips
+    # only its trainable parameters): the fixed scales have gradients too
+    clip = (
+        optax.masked(optax.clip_by_global_norm(cfg.max_grad_norm), trainable_mask)
+        if cfg.max_grad_norm
+        else None
+    )
 
     def only(treedef: Any, leaves: list[Any], i: int) -> Any:
         """The tree with leaf i alone (the others None, i.e. absent), so paths and labels hold."""

@@ -77,14 +77,16 @@ def _whole_tree_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
         learning_rate(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay
     )
     labels = lambda t: jax.tree.map(lambda m: "train" if m else "fixed", lora_lib.trainable_mask(t))  # noqa: E731
-    per_tree = optax.multi_transform({"train": adamw, "fixed": optax.set_to_zero()}, labels)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), per_tree)
+    train = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return optax.multi_transform({"train": train, "fixed": optax.set_to_zero()}, labels)
 
 
 def test_the_per_leaf_state_updates_as_one_chain_over_the_whole_tree():
-    """One AdamW state per leaf changes nothing: the clipping still sees the global norm (the
-    gradients here are large, so it clips every step), AdamW is elementwise. Both run eagerly,
-    op by op, so the results are equal to float32 rounding (observed: bit-equal; 1e-7 allowed)."""
+    """One AdamW state per leaf changes nothing: the clipping still sees the global norm of the
+    trainable leaves (the gradients here are large, so it clips every step; the fixed scales'
+    gradients, also large, stay out of it), AdamW is elementwise. The norm is summed in
+    another order, so equal to float32 rounding: rtol 1e-6 (observed: one element 1 ulp apart).
+    With the scales' gradients in the norm they differ by up to 4e-5."""
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.3, warmup_steps=2, schedule="linear")
     rng = np.random.default_rng(0)
     tree = {"layers": {"q": {"a": rng.normal(size=(2, 4, 8)), "b": np.zeros((2, 8, 4)), "scale": np.ones(2)}}}
@@ -102,7 +104,7 @@ def test_the_per_leaf_state_updates_as_one_chain_over_the_whole_tree():
             lora = optax.apply_updates(lora, updates)
         params[name] = lora
     for a, b in zip(jax.tree.leaves(params["per_leaf"]), jax.tree.leaves(params["whole_tree"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
     assert not np.allclose(params["per_leaf"]["layers"]["q"]["b"], 0)  # it trained
 
 
