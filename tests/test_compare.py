@@ -23,7 +23,9 @@ from tests.conftest import REPO, run_cli
 TOLERANCE = 1e-3
 
 
-@pytest.mark.parametrize(("quantization", "accumulation"), [("none", 1), ("nf4", 2)])
+# the NF4 base with accumulation: the CLI's own path end to end (the unquantized step is held to
+# peft in-process by tests/train/test_peft_parity.py; a second CLI case cost ~22 s of CPU)
+@pytest.mark.parametrize(("quantization", "accumulation"), [("nf4", 2)])
 def test_compare_cli_matches_pytorch_step_by_step(tiny_model, tmp_path, quantization, accumulation):
     run = tmp_path / "run"
     command = [

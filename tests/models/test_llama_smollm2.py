@@ -124,10 +124,10 @@ def _hf_greedy(hf_model, tokenizer, ids, n):
 
 def test_greedy_generation_matches_transformers(smollm2_fp32, hf_smollm2, smollm2_tokenizer):
     model, frozen = smollm2_fp32
-    texts = PROMPTS + CHATS  # plain prompts and chat-template prompts
+    texts = PROMPTS[1:3] + CHATS  # plain prompts (code, and the longest) and chat-template ones
     prompts = [encode_prompt(smollm2_tokenizer, t, t in CHATS) for t in texts]
-    ours_out = generate(model, frozen, None, prompts, max_new_tokens=32)  # one left-padded batch
+    ours_out = generate(model, frozen, None, prompts, max_new_tokens=24)  # one left-padded batch
     for text, ids, got in zip(texts, prompts, ours_out, strict=True):
-        expected = _hf_greedy(hf_smollm2, smollm2_tokenizer, ids, 32)
+        expected = _hf_greedy(hf_smollm2, smollm2_tokenizer, ids, 24)
         decode = smollm2_tokenizer.decode
         assert got == expected, f"{text!r}:\n ours {decode(got)!r}\n  hf  {decode(expected)!r}"
