@@ -22,7 +22,7 @@ from qlora_jax.io import checkpoint, peft
 from qlora_jax.models.frozen import Quantization
 from qlora_jax.train import build, config
 from qlora_jax.train.config import RunConfig
-from qlora_jax.train.optim import make_optimizer
+from qlora_jax.train.optim import STATE_LAYOUT, make_optimizer
 from qlora_jax.train.state import abstract_state
 
 FORMATS = ("peft", "orbax", "merged", "bnb4bit")
@@ -41,6 +41,7 @@ def load_run(run_dir: str) -> tuple[RunConfig, Any, Any, Any, Any, str]:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = checkpoint.TrainCheckpoints(ckpt_dir, async_save=False) if os.path.isdir(ckpt_dir) else None
     if steps is not None and steps.latest_step() is not None:
+        checkpoint.check_optimizer_state(steps.record(steps.latest_step()), STATE_LAYOUT, steps.latest_step())
         opt_like = jax.eval_shape(make_optimizer(run.optim).init, lora_like)
         state, record = steps.restore(steps.latest_step(), abstract_state(lora_like, opt_like))
         lora = state.lora

@@ -193,6 +193,17 @@ def check_same_base(record: dict[str, Any], fingerprint: str, path: str) -> None
         )
 
 
+def check_optimizer_state(record: dict[str, Any], layout: str, step: int) -> None:
+    """Refuse a checkpoint whose optimizer state is laid out otherwise than this version's."""
+    found = record.get("optimizer_state", "one AdamW state for the whole adapter tree (before 2026-11-28)")
+    if found != layout:
+        raise ValueError(
+            f"refusing checkpoint step {step}: it keeps the optimizer state as {found!r}, this version "
+            f"as {layout!r}; start a new run (another output_dir), or export from the run's "
+            "adapter/orbax (no optimizer state in it) with checkpoints/ moved aside"
+        )
+
+
 def save_adapter_orbax(
     directory: str, lora: Any, lora_config: dict[str, Any], base_path: str, fingerprint: str
 ) -> None:

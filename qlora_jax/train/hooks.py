@@ -18,6 +18,7 @@ from qlora_jax.models.decoder import Llama
 from qlora_jax.train import evaluate
 from qlora_jax.train.config import CheckpointSettings, TrainSettings
 from qlora_jax.train.metrics import MetricsWriter
+from qlora_jax.train.optim import STATE_LAYOUT
 from qlora_jax.train.state import TrainState, counters
 
 
@@ -100,13 +101,16 @@ class Checkpointer:
         latest = None if self.steps is None else self.steps.latest_step()
         if latest is None:
             return None
-        checkpoint.check_same_base(self.steps.record(latest), self.fingerprint, self.base_path)
+        record = self.steps.record(latest)
+        checkpoint.check_same_base(record, self.fingerprint, self.base_path)
+        checkpoint.check_optimizer_state(record, STATE_LAYOUT, latest)
         state, _ = self.steps.restore(latest, state_like)
         self.last_saved = latest
         return state
 
     def save(self, state: TrainState) -> None:
         record = counters(state) | {"base_path": self.base_path, "base_fingerprint": self.fingerprint}
+        record["optimizer_state"] = STATE_LAYOUT
         self.steps.save(record["step"], state, record)
         self.last_saved = record["step"]
 

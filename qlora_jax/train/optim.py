@@ -70,6 +70,9 @@ def _decay_mask(lora: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("a", "b"), lora)
 
 
+# How the optimizer state is laid out, kept in each checkpoint's record: a resume or export
+# refuses a checkpoint of another layout in one line (before: one state for the whole tree)
+STATE_LAYOUT = "adamw-per-adapter-leaf"
 # (leaf index, that leaf's optimizer state) -> the state where its update runs (the device)
 Fetch = Callable[[int, Any], Any]
 # (leaf index, the leaf's new state, its state before the update) -> the state kept (host memory)

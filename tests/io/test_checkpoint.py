@@ -160,3 +160,21 @@ def test_family_fields_leave_older_fingerprints_unchanged():
     gpt2_fields = ("norm_type", "position_embedding", "hidden_act", "gated_mlp", "fused_qkv")
     assert not any(f"{field}=" in llama_arch for field in gpt2_fields)
     assert all(f"{field}=" in _architecture(family_config("gpt2")) for field in gpt2_fields)
+
+
+def test_a_checkpoint_of_another_optimizer_state_layout_is_refused_in_one_line():
+    """Checkpoints record how the optimizer state is laid out; one from before the per-leaf state
+    (no such key) cannot be restored into this version's tree, so resume and export say so."""
+    from qlora_jax.io.checkpoint import check_optimizer_state
+    from qlora_jax.train.optim import STATE_LAYOUT
+
+    check_optimizer_state({"optimizer_state": STATE_LAYOUT}, STATE_LAYOUT, 8)
+    with pytest.raises(ValueError) as err:
+        check_optimizer_state({"step": 8}, STATE_LAYOUT, 8)
+    message = str(err.value)
+    assert (
+        "\n" not in message
+        and "step 8" in message
+        and STATE_LAYOUT in message
+        and "whole adapter tree" in message
+    )
