@@ -122,16 +122,15 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
             updates, _ = clip.update(updates, clip.init(updates))
         grads, treedef = jax.tree.flatten(updates)
         weights = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
-        out, new_state, stashed = [], [], [updates, updates]
+        out, new_state = [], []
         for i, leaf_state in enumerate(state):
             if fetch is not None:  # wait for the gradients and for the leaf two before to leave
-                leaf_state, _ = jax.lax.optimization_barrier((leaf_state, stashed[-2]))
+                leaving = new_state[i - 2] if i >= 2 else updates
+                leaf_state, _ = jax.lax.optimization_barrier((leaf_state, leaving))
                 leaf_state = fetch(i, leaf_state)
             leaf_update, new = per_leaf.update(only(treedef, grads, i), leaf_state, only(treedef, weights, i))
-            new = new if stash is None else stash(i, new, leaf_state)
             out += jax.tree.leaves(leaf_update)
-            new_state.append(new)
-            stashed.append(new)
+            new_state.append(new if stash is None else stash(i, new, leaf_state))
         return treedef.unflatten(out), tuple(new_state)
 
     return optax.GradientTransformationExtraArgs(init, update)
