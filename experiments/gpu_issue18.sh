@@ -5,7 +5,7 @@
 # OUT/throughput.jsonl to experiments/results/ and run plot_throughput.py. On a machine of several
 # GPUs, run stages as lanes of experiments/gpu_lanes.sh beside the context runs
 # (experiments/gpu_context_runs.sh); a machine is held at most 30 minutes.
-#   usage: CALL=<id> experiments/gpu_issue18.sh STAGE OUT_DIR      STAGE: 1 to 4
+#   usage: CALL=<id> experiments/gpu_issue18.sh STAGE OUT_DIR      STAGE: 1 to 5
 set -uo pipefail
 stage=$1 out=$2
 call=${CALL:?set CALL: every stage of one call shares it}
@@ -18,14 +18,15 @@ case $stage in
   2) run bench_throughput.py --shapes llama2-7b:4x2048,llama3-8b:1x2048 "${all[@]}" "${ours[@]}" ;;
   3) run bench_throughput.py --shapes llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048 \
        --frameworks qlora_jax --offload_embeddings 1 "${ours[@]}" ;;
-  # 70B at 2,048 tokens: the host tables and dequantization slices, then MLP tiles of 1,024 tokens
-  # as well (one tile's (T, 28672) intermediates live in backward, not the sequence's), then
-  # 512-token tiles and 8 slices (each a further halving of those two temporaries)
+  # 70B at 2,048 tokens with the host tables and the per-leaf AdamW update (6675460): 4
+  # dequantization slices, then none (the MLP tiles of 1,024 and 512 tokens measured in call
+  # issue18-x4b-9cb5936 did not move the peak: it was the update)
   4) run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
        --dequant_slices 4 --offload_embeddings 1 "${ours[@]}"
      run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
-       --dequant_slices 4 --offload_embeddings 1 --seq_tile 1024 "${ours[@]}"
-     run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
-       --dequant_slices 8 --offload_embeddings 1 --seq_tile 512 "${ours[@]}" ;;
-  *) echo "stage $stage: valid stages are 1 to 4" >&2; exit 2 ;;
+       --offload_embeddings 1 "${ours[@]}" ;;
+  # offload instead of recompute, every matmul operand on the host (remat_policy=offload_all)
+  5) run bench_throughput.py --shapes llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048 \
+       --frameworks qlora_jax --remat offload_all --offload 1 --loss_chunk 256 ;;
+  *) echo "stage $stage: valid stages are 1 to 5" >&2; exit 2 ;;
 esac

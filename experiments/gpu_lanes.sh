@@ -4,8 +4,9 @@
 # and returns; `wait` sleeps while any lane runs (keeping the machine warm), then gathers what the
 # lanes wrote so far into OUT: throughput.jsonl and context.jsonl (all lanes' rows) and lanes.log.
 # Each lane's command sees CUDA_VISIBLE_DEVICES=GPU and LANE_OUT, its own results folder, and runs
-# in a copy of the repository taken at `start`: the device tool re-copies the working tree at each
-# command, and a lane process started during that copy found its script missing (2026-11-28).
+# in a copy of the repository taken at `start`, first on PYTHONPATH: the device tool re-copies the
+# working tree at each command, and a lane process started during that copy found its script
+# missing (2026-11-28).
 # The saved random models and compilation cache (experiments/.bench_models) are shared by all.
 # Keep the commands back to back: a machine idle for its release time (30 s) is given back, and
 # its lanes end with it.
@@ -25,7 +26,7 @@ case ${1:-} in
       gpu=$1 command=$2
       shift 2
       mkdir -p "$work/lane$gpu"
-      CUDA_VISIBLE_DEVICES=$gpu LANE_OUT=$work/lane$gpu setsid bash -c \
+      CUDA_VISIBLE_DEVICES=$gpu LANE_OUT=$work/lane$gpu PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} setsid bash -c \
         "cd $tree && $command; echo \"\$(date +%T) lane finished\"" >"$work/lane$gpu.log" 2>&1 </dev/null &
       echo "lane $gpu started: $command"
     done
