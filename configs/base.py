@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_on_prompt = False  # False: loss on completions only
     c.data.max_seq_len = 512
     c.data.packing = True  # pack examples with segment ids; False: bucket by length
+    c.data.max_segments_per_row = 32  # examples a packed row may hold (cuDNN packed attention's slots)
     c.data.buckets = ""  # comma-separated bucket lengths when not packing ("" = T/4, T/2, T)
 
     c.train = ml_collections.ConfigDict()

@@ -1,5 +1,7 @@
 """GPU check: cuDNN flash attention (the default for causal bf16 on GPU) vs XLA attention, logits and
-LoRA gradients of a small random model, written to $OUT/attention_parity.json."""
+LoRA gradients of a small random model; then packed rows (several examples per row, padding after)
+on cuDNN's packed attention vs XLA's segment mask, loss and LoRA gradients. Written to
+$OUT/attention_parity.json."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import jax
 import numpy as np
 
 from qlora_jax import lora as lora_lib
+from qlora_jax.data import packing
+from qlora_jax.data.formats import Example
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.train import step as step_lib
@@ -45,6 +49,7 @@ def main() -> None:
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
     )
     result = {
+        "packed_rows": packed_rows(cfg, frozen, tree, lora_cfg),
         "device": jax.devices()[0].device_kind,
         "default_impl_on_this_backend": llama.attention_implementation(cfg, jax.numpy.bfloat16, None),
         "logits_max_abs_diff_over_max": float(np.abs(l1 - l2).max() / np.abs(l2).max()),
@@ -57,6 +62,33 @@ def main() -> None:
     with open(os.path.join(os.environ.get("OUT", "experiments/results"), "attention_parity.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
+
+
+def packed_rows(cfg, frozen, tree, lora_cfg) -> dict:
+    """Loss and LoRA gradients of packed GSM8K-sized rows: the packed kernel against the mask."""
+    rng = np.random.default_rng(1)
+    examples = [
+        Example(list(rng.integers(0, 1024, n)), [i >= 20 for i in range(n)])
+        for n in rng.integers(60, 200, 40)
+    ]
+    batch = packing.stack(packing.pack(examples, seq_len=512)[:4])
+    out = {}
+    for impl in ("cudnn", "xla"):
+        model = llama.Llama(cfg.replace(attention_impl=impl))
+        loss, _, grads = jax.jit(
+            lambda t, m=model: step_lib.mean_loss_and_grads(m, lora_cfg, t, frozen, batch, None, 1, 1024)
+        )(tree)
+        out[impl] = (float(loss), jax.tree.map(np.asarray, grads))
+    (loss1, g1), (loss2, g2) = out["cudnn"], out["xla"]
+    return {
+        "segments_per_row": [int(r.max()) for r in batch["segment_ids"]],
+        "loss_cudnn_packed": loss1,
+        "loss_xla_mask": loss2,
+        "lora_grad_max_rel_diff": max(
+            float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
+        ),
+    }
 
 
 if __name__ == "__main__":

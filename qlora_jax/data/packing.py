@@ -2,7 +2,10 @@
 
 A row holds `inputs` (token t), `targets` (token t+1), `loss_mask` (target counts), `segment_ids`
 (0 = padding, 1.. = example within the row) and `positions` (restarting per example), all of
-length seq_len, so a run compiles once per shape instead of once per batch.
+length seq_len, so a run compiles once per shape instead of once per batch. A stacked batch adds
+`segment_starts`: per row, where each example starts, then where the last ends, -1 after (the
+`cu_seqlens` of varlen flash attention, in a fixed number of slots: the model runs cuDNN's packed
+attention from it instead of a (T, T) mask).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import numpy as np
 from qlora_jax.data.formats import Example
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# examples per packed row: the slots of segment_starts (cuDNN's packed attention costs more with
+# more slots; 32 holds rows of examples down to 1/32 of the row length, as MaxText's default)
+DEFAULT_MAX_SEGMENTS = 32
 
 
 @dataclasses.dataclass
@@ -54,8 +60,14 @@ def empty_row(seq_len: int) -> dict[str, np.ndarray]:
     return {k: np.zeros(seq_len, bool if k == "loss_mask" else np.int32) for k in ROW_KEYS}
 
 
-def pack(examples: Iterable[Example], seq_len: int, stats: TruncationStats | None = None) -> list[dict]:
-    """Greedy packing in order: examples fill a row until the next does not fit."""
+def pack(
+    examples: Iterable[Example],
+    seq_len: int,
+    stats: TruncationStats | None = None,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
+) -> list[dict]:
+    """Greedy packing in order: examples fill a row until the next does not fit or the row holds
+    max_segments examples (the slots of `segment_starts`)."""
     stats = stats if stats is not None else TruncationStats()
     rows: list[dict[str, np.ndarray]] = []
     row, used, segment = empty_row(seq_len), 0, 0
@@ -64,7 +76,7 @@ def pack(examples: Iterable[Example], seq_len: int, stats: TruncationStats | Non
         if parts is None:
             continue
         n = len(parts[0])
-        if used + n > seq_len:
+        if used + n > seq_len or segment == max_segments:
             rows.append(row)
             row, used, segment = empty_row(seq_len), 0, 0
         segment += 1
@@ -99,5 +111,23 @@ def bucket(
     return out
 
 
-def stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
-    return {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+def segment_starts(segment_ids_BxT: np.ndarray, max_segments: int) -> np.ndarray:
+    """(B, max_segments + 1) int32: per row, the first index of examples 1, 2, ... then the end of
+    the last, -1 in the slots after. Examples are contiguous from index 0, padding after them."""
+    rows, length = segment_ids_BxT.shape
+    out = np.full((rows, max_segments + 1), -1, np.int32)
+    for b, ids in enumerate(segment_ids_BxT):
+        count = int(ids.max(initial=0))
+        if count > max_segments:
+            raise ValueError(f"a row holds {count} examples, more than max_segments={max_segments}")
+        if count:
+            out[b, :count] = np.searchsorted(ids[ids > 0], np.arange(1, count + 1))
+            out[b, count] = np.count_nonzero(ids)
+    return out
+
+
+def stack(rows: Sequence[dict], max_segments: int = DEFAULT_MAX_SEGMENTS) -> dict[str, np.ndarray]:
+    """Rows as one batch, with their segment_starts (max_segments slots)."""
+    batch = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+    batch["segment_starts"] = segment_starts(batch["segment_ids"], max_segments)
+    return batch

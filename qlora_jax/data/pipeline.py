@@ -23,6 +23,7 @@ class BatchingConfig:
     max_seq_len: int = 512
     batch_size: int = 8
     packing: bool = True  # False: one example per row, padded to the smallest bucket that fits
+    max_segments_per_row: int = packing.DEFAULT_MAX_SEGMENTS  # examples a packed row may hold
     buckets: tuple[int, ...] = ()  # bucket lengths when not packing (default: max_seq_len / 4, / 2, / 1)
     accumulation_steps: int = 1
     seed: int = 0
@@ -73,8 +74,9 @@ class BatchIterator:
         shuffled = [self.examples[i] for i in order]
         stats = packing.TruncationStats()
         per_batch = self.cfg.batch_size
+        segments = self.cfg.max_segments_per_row if self.cfg.packing else 1
         if self.cfg.packing:
-            groups = [packing.pack(shuffled, self.cfg.max_seq_len, stats)]
+            groups = [packing.pack(shuffled, self.cfg.max_seq_len, stats, segments)]
         else:
             groups = list(packing.bucket(shuffled, self.cfg.bucket_lengths(), stats).values())
         k = self.cfg.accumulation_steps
@@ -83,7 +85,7 @@ class BatchIterator:
         for rows in groups:  # one step never mixes buckets: its micro-batches share a shape
             for start in range(0, len(rows) - rows_per_step + 1, rows_per_step):
                 micro = [
-                    packing.stack(rows[m : m + per_batch])
+                    packing.stack(rows[m : m + per_batch], segments)
                     for m in range(start, start + rows_per_step, per_batch)
                 ]
                 batches.append(
@@ -134,7 +136,10 @@ class BatchIterator:
 
 def eval_batches(examples: list[Example], cfg: BatchingConfig) -> list[dict[str, np.ndarray]]:
     """All eval examples packed in order, the last batch filled with empty rows (no loss)."""
-    rows = packing.pack(examples, cfg.max_seq_len)
+    rows = packing.pack(examples, cfg.max_seq_len, max_segments=cfg.max_segments_per_row)
     pad = -len(rows) % cfg.batch_size
     rows += [packing.empty_row(cfg.max_seq_len) for _ in range(pad)]
-    return [packing.stack(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+    return [
+        packing.stack(rows[i : i + cfg.batch_size], cfg.max_segments_per_row)
+        for i in range(0, len(rows), cfg.batch_size)
+    ]

@@ -1,10 +1,17 @@
-"""Attention masks (causal, padding, packed segments, KV cache), positions derived from them, and
-Gemma's tanh soft-capping (of attention scores and of logits)."""
+"""Attention masks (causal, padding, packed segments, KV cache), positions derived from them,
+cuDNN's flash attention over packed rows, and Gemma's tanh soft-capping (of attention scores and
+of logits)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+# JAX's cuDNN attention with per-row segment offsets (its public dot_product_attention takes no
+# packed layout); imported for the GPU path, CPU-safe
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 
 
 def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -91,3 +98,46 @@ def softcapped_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
     return out.reshape(batch, length, heads, head_dim)
+
+
+class PackedLayout(NamedTuple):
+    """Packed rows as cuDNN's flash attention takes them: per row, each sequence's first index
+    (B, M + 1) and length (B, M), -1 in the slots after the last; every other token is padding."""
+
+    offsets: jax.Array
+    lengths: jax.Array
+
+
+def packed_layout(segment_starts_BxS: jax.Array) -> PackedLayout:
+    """The layout of rows whose segment_starts (the data pipeline's: each sequence's start, then
+    the end of the last, -1 after) hold M + 1 slots."""
+    starts, ends = segment_starts_BxS[:, :-1], segment_starts_BxS[:, 1:]
+    used = ends >= 0
+    offsets = jnp.where(used, starts, -1)
+    unused_slot = jnp.full_like(offsets[:, :1], -1)
+    return PackedLayout(jnp.concatenate([offsets, unused_slot], axis=1), jnp.where(used, ends - starts, -1))
+
+
+def packed_flash_attention(
+    q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, layout: PackedLayout, scale=None
+) -> jax.Array:
+    """Causal attention inside each packed sequence, on cuDNN's flash kernel (grouped-query heads
+    as is). Padding tokens, in no sequence, are zero in and out: the kernel leaves their output
+    unwritten, and no gradient reaches them."""
+    length, head_dim = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
+    end = jnp.max(jnp.where(layout.lengths > 0, layout.offsets[:, :-1] + layout.lengths, 0), axis=1)
+    real = (jnp.arange(length)[None, :] < end[:, None])[:, :, None, None]
+    q, k, v = (jnp.where(real, t, 0) for t in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
+    out = cudnn_attention.dot_product_attention(
+        q,
+        k,
+        v,
+        q_seqlen=layout.lengths,
+        kv_seqlen=layout.lengths,
+        q_offsets=layout.offsets,
+        kv_offsets=layout.offsets,
+        scale=head_dim**-0.5 if scale is None else scale,
+        mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH",
+    )
+    return jnp.where(real, out, 0)

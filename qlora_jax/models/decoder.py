@@ -27,7 +27,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.models import attention
-from qlora_jax.models.attention import softcapped_attention
+from qlora_jax.models.attention import packed_flash_attention, softcapped_attention
 from qlora_jax.models.config import LlamaConfig, RopeScaling
 from qlora_jax.models.frozen import linear_names
 from qlora_jax.models.linear import Linear, dense_weight, laid_out
@@ -112,9 +112,9 @@ class KVCache(NamedTuple):
 
 
 class LayerContext(NamedTuple):
-    """What every layer shares: RoPE tables (None: no RoPE), the attention mask (None: causal)
-    and cache slot; with per-layer windows (layer_types) also the sliding layers' tables and mask
-    (None: the same)."""
+    """What every layer shares: RoPE tables (None: no RoPE), the attention mask (None: causal, or
+    packed rows' layout where `packed` is set) and cache slot; with per-layer windows (layer_types)
+    also the sliding layers' tables and mask (None: the same)."""
 
     cos: jax.Array | None
     sin: jax.Array | None
@@ -123,6 +123,7 @@ class LayerContext(NamedTuple):
     sliding_cos: jax.Array | None = None
     sliding_sin: jax.Array | None = None
     sliding_mask: jax.Array | None = None
+    packed: attention.PackedLayout | None = None  # cuDNN's packed attention instead of a mask
 
 
 def _for_layer(ctx: LayerContext, is_sliding: jax.Array | None) -> LayerContext:
@@ -162,13 +163,31 @@ def attention_implementation(cfg: LlamaConfig, dtype: jnp.dtype, mask: jax.Array
     return "cudnn" if jax.default_backend() == "gpu" and flash_ok and mask is None else "xla"
 
 
+def packed_attention_layout(
+    cfg: LlamaConfig,
+    attention_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+    segment_starts: jax.Array | None,
+) -> attention.PackedLayout | None:
+    """The packed rows' layout where cuDNN's flash attention can run them (the flash path's
+    conditions, one window for every layer, no padding mask besides the segments); else None and
+    the rows get an explicit (T, T) segment mask on XLA."""
+    if segment_starts is None or segment_ids is None or attention_mask is not None:
+        return None
+    if cfg.layer_types is not None or cfg.uniform_window is not None:
+        return None
+    if attention_implementation(cfg, jnp.dtype(cfg.dtype), None) != "cudnn":
+        return None
+    return attention.packed_layout(segment_starts)
+
+
 def causal_padded(attend: Any, multiple: int) -> Any:
     """Mask-free causal `attend(q, k, v, mask=None)` run on q, k and v padded at the end to a
     multiple of `multiple` tokens, the padding cut from the output. Exact: no real query attends
     to a later key, so the padded keys are never seen, and the padded queries' outputs (and so
     their gradients) are dropped."""
 
-    def padded(q, k, v, mask=None):
+    def padded(q, k, v, mask=None):  # mask: also a packed layout, which padding leaves as it is
         length = q.shape[1]
         widths = ((0, 0), (0, -length % multiple), (0, 0), (0, 0))
         if not any(widths[1]):
@@ -186,7 +205,13 @@ def _named_residual_attention(**static: Any) -> Any:
     k and v stay with the projections, which are cheap to recompute. A `softcap` runs
     softcapped_attention (Gemma 2) instead."""
     softcap = static.pop("softcap", None)
-    if softcap is None:
+    if static.get("implementation") == "cudnn_packed":  # `mask` is then the packed layout
+        scale = static.get("scale")
+        attend = causal_padded(
+            lambda q, k, v, mask: packed_flash_attention(q, k, v, mask, scale),
+            CUDNN_LENGTH_MULTIPLE,
+        )
+    elif softcap is None:
         attend = functools.partial(jax.nn.dot_product_attention, **static)
     else:
         attend = functools.partial(softcapped_attention, softcap=softcap, **static)
@@ -300,14 +325,18 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype), start)
             layer_cache = (k, v)
-        attend = _named_residual_attention(
-            is_causal=ctx.mask is None,
-            local_window_size=_window(cfg, ctx.mask),
-            implementation=attention_implementation(cfg, q.dtype, ctx.mask),
-            scale=None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5,
-            softcap=cfg.attn_logit_softcapping,
-        )
-        out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask)
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+        if ctx.packed is not None:
+            attend = _named_residual_attention(implementation="cudnn_packed", scale=scale)
+        else:
+            attend = _named_residual_attention(
+                is_causal=ctx.mask is None,
+                local_window_size=_window(cfg, ctx.mask),
+                implementation=attention_implementation(cfg, q.dtype, ctx.mask),
+                scale=scale,
+                softcap=cfg.attn_logit_softcapping,
+            )
+        out = attend(q, k.astype(dtype), v.astype(dtype), ctx.mask if ctx.packed is None else ctx.packed)
         out = linear("o")(out.reshape(batch, length, cfg.num_heads * cfg.head_dim))
         return out, layer_cache
 
@@ -402,7 +431,9 @@ class Decoder(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index, sliding_mask=None):
+    def __call__(
+        self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index, sliding_mask=None, packed=None
+    ):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         # the whole table on each device under fsdp, as the weights are (each device looks up its
         # own rows' tokens), not the global batch's embeddings summed over the vocabulary's shards
@@ -417,7 +448,7 @@ class Decoder(nn.Module):
             cos = sin = None
         else:
             cos, sin = cos_sin(cfg, positions_BxT, dtype)
-        ctx = LayerContext(cos, sin, ctx_mask, write_index, sliding_mask=sliding_mask)
+        ctx = LayerContext(cos, sin, ctx_mask, write_index, sliding_mask=sliding_mask, packed=packed)
         is_sliding = None
         if cfg.layer_types is not None:
             is_sliding = jnp.asarray([kind == "sliding_attention" for kind in cfg.layer_types])
@@ -459,6 +490,7 @@ class Llama:
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        segment_starts: jax.Array | None = None,
         cache: KVCache | None = None,
         rng: jax.Array | None = None,
         lora_dropout: float = 0.0,
@@ -467,7 +499,9 @@ class Llama:
         """Logits (B, T, vocab) in float32; with `cache`, returns (logits, updated cache).
 
         attention_mask marks real tokens (1) vs padding (0); segment_ids separate packed
-        sequences (attention stays inside a segment, positions restart). `rng` turns on
+        sequences (attention stays inside a segment, positions restart); with segment_starts
+        too (the data pipeline's, data/packing.py) they run on cuDNN's packed flash attention
+        where the GPU path allows, instead of a (T, T) mask. `rng` turns on
         adapter dropout at rate `lora_dropout` (peft's lora_dropout). return_hidden gives the
         final normalized hidden states instead of logits (for a chunked loss).
         """
@@ -475,11 +509,14 @@ class Llama:
         tokens_BxT = jnp.asarray(tokens_BxT)
         length = tokens_BxT.shape[1]
         per_layer = cfg.layer_types is not None  # per-layer windows: explicit masks of both kinds
-        sliding_mask = None
+        sliding_mask = packed = None
         if cache is None:
             if per_layer and attention_mask is None and segment_ids is None:
                 attention_mask = jnp.ones(tokens_BxT.shape, bool)
-            mask = attention.self_attention_mask(attention_mask, segment_ids, length, cfg.uniform_window)
+            packed = packed_attention_layout(cfg, attention_mask, segment_ids, segment_starts)
+            mask = None
+            if packed is None:
+                mask = attention.self_attention_mask(attention_mask, segment_ids, length, cfg.uniform_window)
             if per_layer:
                 sliding_mask = attention.self_attention_mask(
                     attention_mask, segment_ids, length, cfg.sliding_window
@@ -509,6 +546,7 @@ class Llama:
             cache_kv,
             write_index,
             sliding_mask,
+            packed,
             rngs=None if rng is None else {"dropout": rng},
         )
         out = hidden if return_hidden else self.logits(frozen, hidden)

@@ -3,7 +3,8 @@ optimizer state moved from pinned host memory to the device and back when offloa
 step (make_state_step) applies it to the whole TrainState; make_train_step exposes the bare update.
 
 A batch is a dict of (B, T) arrays: "inputs" (token ids), "targets" (next token ids), "loss_mask"
-(1 where the target counts), optional "segment_ids" and "positions" for packed rows. With
+(1 where the target counts), optional "segment_ids", "positions" and "segment_starts" (B, M + 1)
+for packed rows. With
 accumulation_steps k > 1 every array has a leading micro-batch axis (k, B, T); the loss is the
 token-weighted mean over all micro-batches, as one large batch would give.
 """
@@ -47,6 +48,7 @@ def loss_sum(
         lora,
         batch["inputs"],
         segment_ids=batch.get("segment_ids"),
+        segment_starts=batch.get("segment_starts"),
         positions=batch.get("positions"),
         rng=rng,
         lora_dropout=lora_cfg.dropout,

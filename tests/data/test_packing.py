@@ -60,3 +60,18 @@ def test_packed_examples_do_not_attend_across_boundaries():
     # float32, same math, different padding: agreement to ~1e-6 relative
     np.testing.assert_allclose(float(total_packed), sum(float(t) for t, _ in totals), rtol=1e-5)
     jax.clear_caches()
+
+
+def test_segment_starts_give_each_example_start_then_the_last_end():
+    rows = packing.pack([_ex([1, 2, 3, 4]), _ex([5, 6, 7]), _ex([8, 9])], seq_len=8)
+    batch = packing.stack(rows + [packing.empty_row(8)], max_segments=4)
+    # starts of examples 1-3 (3 and 2 and 1 predictions), the end of the last, unused slots -1;
+    # the empty row has no example at all
+    np.testing.assert_array_equal(batch["segment_starts"], [[0, 3, 5, 6, -1], [-1, -1, -1, -1, -1]])
+
+
+def test_pack_closes_a_row_at_max_segments():
+    rows = packing.pack([_ex([1, 2])] * 5, seq_len=16, max_segments=2)
+    assert [int(r["segment_ids"].max()) for r in rows] == [2, 2, 1]
+    with np.testing.assert_raises_regex(ValueError, "3 examples, more than max_segments=2"):
+        packing.stack(packing.pack([_ex([1, 2])] * 3, seq_len=16), max_segments=2)
