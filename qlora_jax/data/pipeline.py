@@ -16,6 +16,7 @@ import numpy as np
 
 from qlora_jax.data import packing
 from qlora_jax.data.formats import Example, FormatConfig, format_row
+from qlora_jax.data.packing import DEFAULT_MAX_SEGMENTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class BatchingConfig:
     max_seq_len: int = 512
     batch_size: int = 8
     packing: bool = True  # False: one example per row, padded to the smallest bucket that fits
-    max_segments_per_row: int = packing.DEFAULT_MAX_SEGMENTS  # examples a packed row may hold
+    max_segments_per_row: int = DEFAULT_MAX_SEGMENTS  # examples a packed row may hold
     buckets: tuple[int, ...] = ()  # bucket lengths when not packing (default: max_seq_len / 4, / 2, / 1)
     accumulation_steps: int = 1
     seed: int = 0

@@ -4,9 +4,10 @@ bitsandbytes' own NF4 codes (Phi-3: one A/B pair on each fused qkv_proj and gate
 puts them; Gemma 2's loss through its final-logit soft-cap on both sides; GPT-2's Conv1D weights
 quantized transposed, as transformers' bitsandbytes integration does).
 
-Tolerances: loss and gradients 1e-5 relative (float32 on both sides, different summation order;
-observed ~1e-6); weights after 10 AdamW steps 1e-4 relative (Adam divides by sqrt(v), which
-amplifies float32 noise in tiny gradients).
+Tolerances: loss 1e-5 relative, gradients 2e-5 of their largest (float32 on both sides, different
+summation order; observed ~1e-6, Gemma 3's MLP up to 1.01e-5 on one CPU, where torch's float32
+kernels sum in another order than on the machine that set 1e-5); weights after 10 AdamW steps
+1e-4 relative (Adam divides by sqrt(v), which amplifies float32 noise in tiny gradients).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def test_loss_and_every_lora_gradient_match_peft(tmp_path, family, nf4):
         g = grads["layers"][group][name]
         r = ga.shape[1]
         for ours, ref in ((np.asarray(g["a"][layer, :, :r]), ga), (np.asarray(g["b"][layer, :r]), gb)):
-            assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), (layer, group, name)
+            assert np.abs(ours - ref).max() <= 2e-5 * np.abs(ref).max(), (layer, group, name)
             checked += 1
     assert checked == 2 * len(linear_shapes(model.config)) * 2  # A and B of every projection in 2 layers
 
