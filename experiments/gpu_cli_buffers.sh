@@ -11,7 +11,7 @@ source "$here/gsm8k_cli_args.sh"
 dump="--xla_dump_hlo_as_text --xla_dump_to"
 (
   CUDA_VISIBLE_DEVICES=$4 XLA_FLAGS="$dump=/tmp/dump_cli" python3 -m qlora_jax.train "${gsm8k_cli_args[@]}" \
-    --config.data.max_seq_len=2048 --config.train.batch_size=1 --config.lora.dropout=0.0 \
+    --config.data.max_seq_len=2048 --config.data.packing=True --config.train.batch_size=1 --config.lora.dropout=0.0 \
     --config.train.max_steps=2 --config.train.eval_every=0 --config.train.eval_batches=1 \
     --config.train.exact_match_examples=0 --config.output_dir=/tmp/cli_buffers >"$out/cli_buffers.log" 2>&1
   python3 "$here/top_buffers.py" /tmp/dump_cli --module state_step --top 25 >"$out/top_buffers_cli.json"

@@ -207,8 +207,19 @@ def batch_sharding(mesh: Mesh, leading_micro_axis: bool) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH_AXES) if leading_micro_axis else P(BATCH_AXES))
 
 
+def single_device_layout(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
+    """The batch without its packed-attention layout (segment_starts) on a mesh of several
+    devices, whose packed rows keep the (T, T) segment mask: JAX 0.11's batching rule for cuDNN's
+    packed attention folds the rows but not the segment offsets (the per-rank vmap of the step),
+    and the kernel failed under the fsdp layout in the 2-GPU smoke (2026-11-28)."""
+    if mesh is None or mesh.size == 1:
+        return batch
+    return {key: value for key, value in batch.items() if key != "segment_starts"}
+
+
 def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray], leading_micro_axis: bool = False) -> dict:
     """The global host batch as arrays on the mesh; each process contributes only its own rows."""
+    batch = single_device_layout(batch, mesh)
     sharding = batch_sharding(mesh, leading_micro_axis)
     rows_axis = 1 if leading_micro_axis else 0
     n_rows = next(iter(batch.values())).shape[rows_axis]

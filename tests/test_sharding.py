@@ -254,3 +254,13 @@ def test_batch_rows_must_split_over_data_and_fsdp():
     mesh = sharding.make_mesh(LAYOUTS["data2_fsdp2_tensor2"])
     with pytest.raises(ValueError, match="train.batch_size=6 does not split over mesh data x fsdp = 4"):
         sharding.shard_batch(mesh, {"inputs": np.zeros((6, 4), np.int32)})
+
+
+def test_packed_rows_keep_the_segment_mask_on_several_devices():
+    """cuDNN's packed attention runs on one device only (sharding.single_device_layout): on a
+    mesh of several the batch goes without its segment_starts, on one it keeps them."""
+    batch = {"inputs": np.zeros((8, 4), np.int32), "segment_starts": np.zeros((8, 3), np.int32)}
+    several = sharding.make_mesh(LAYOUTS["data2_fsdp2_tensor2"])
+    one = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1), jax.devices()[:1])
+    assert set(sharding.shard_batch(several, batch)) == {"inputs"}
+    assert set(sharding.shard_batch(one, batch)) == {"inputs", "segment_starts"}

@@ -108,10 +108,7 @@ def mean_loss_and_grads(
     else:
         rows_axis = 1 if accumulation_steps > 1 else 0
         ranks = math.prod(mesh.shape[a] for a in axes)
-        # JAX's batching rule for cuDNN's packed attention folds the rows but not the segment
-        # offsets (jax 0.11: a reshape error on GPU), so under the per-rank vmap packed rows keep
-        # the (T, T) segment mask
-        batch = {key: value for key, value in batch.items() if key != "segment_starts"}
+        batch = sharding.single_device_layout(batch, mesh)
         layout = jax.sharding.NamedSharding(mesh, P(*([None] * rows_axis), axes))
         per_rank = jax.tree.map(lambda x: _split_rows(x, rows_axis, ranks, layout), batch)
         keys = None if rng is None else jax.random.split(rng, ranks)
