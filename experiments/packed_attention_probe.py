@@ -1,8 +1,9 @@
 """GPU probe: cuDNN flash attention on packed rows (segment offsets) against XLA attention with the
-explicit segment mask the model builds for packed rows today (issue 18: the training CLI packs
-GSM8K, so its attention ran on XLA at ~5,500 tok/s where the bench's unpacked rows ran cuDNN at
-~8,100). Checks the output and the q/k/v gradients on real tokens against a float32 reference, and
-times forward + backward of each path. Writes $OUT/packed_attention_probe.json.
+explicit segment mask (the model's path for packed rows before d483ebe, and still on meshes of
+several devices; issue 18: the training CLI packs GSM8K, so its attention ran on XLA at ~5,500
+tok/s where the bench's unpacked rows ran cuDNN at ~8,100). Checks the output and the q/k/v
+gradients on real tokens against a float32 reference, and times forward + backward of each path.
+Writes $OUT/packed_attention_probe.json.
 
 cuDNN's packed layout takes, per row, each segment's start (`q_offsets`, [B, M + 1]) and length
 (`q_seqlen`, [B, M]), -1 past the row's last segment, M a static bound on segments per row.
