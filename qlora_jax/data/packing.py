@@ -114,8 +114,7 @@ def bucket(
 def segment_starts(segment_ids_BxT: np.ndarray, max_segments: int) -> np.ndarray:
     """(B, max_segments + 1) int32: per row, the first index of examples 1, 2, ... then the end of
     the last, -1 in the slots after. Examples are contiguous from index 0, padding after them."""
-    rows, length = segment_ids_BxT.shape
-    out = np.full((rows, max_segments + 1), -1, np.int32)
+    out = np.full((len(segment_ids_BxT), max_segments + 1), -1, np.int32)
     for b, ids in enumerate(segment_ids_BxT):
         count = int(ids.max(initial=0))
         if count > max_segments:
