@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the training CLI's step needs more device memory than the bench's row of the same shape
-# (issue 18: llama3-8b, r=64, remat full, 1 x 2048): one CLI step on packed GSM8K rows and one
+# (issue 18: llama3-8b, r=64, remat full, tables on the device, 1 x 2048): one CLI step on packed GSM8K rows and one
 # bench step, each with XLA's buffer assignment dumped, summarized by top_buffers.py into
 # OUT/top_buffers_cli.json and OUT/top_buffers_bench.json. Two GPUs, one each, at once.
 #   usage: experiments/gpu_cli_buffers.sh TOKENIZER_DIR GSM8K_DIR OUT_DIR GPU_CLI GPU_BENCH
@@ -12,6 +12,7 @@ dump="--xla_dump_hlo_as_text --xla_dump_to"
 (
   CUDA_VISIBLE_DEVICES=$4 XLA_FLAGS="$dump=/tmp/dump_cli" python3 -m qlora_jax.train "${gsm8k_cli_args[@]}" \
     --config.data.max_seq_len=2048 --config.data.packing=True --config.train.batch_size=1 --config.lora.dropout=0.0 \
+    --config.model.offload_embeddings=False \
     --config.train.max_steps=2 --config.train.eval_every=0 --config.train.eval_batches=1 \
     --config.train.exact_match_examples=0 --config.output_dir=/tmp/cli_buffers >"$out/cli_buffers.log" 2>&1
   python3 "$here/top_buffers.py" /tmp/dump_cli --module state_step --top 25 >"$out/top_buffers_cli.json"

@@ -2,7 +2,8 @@
 # Issue 18's training-CLI run on one GPU: `python -m qlora_jax.train` on the llama3-8b preset (random
 # weights, NF4, the QLoRA paper recipe: r=64, remat full, AdamW state offloaded) with the SmolLM2
 # tokenizer and GSM8K packed into 1 x 2048 rows, 30 steps checkpointed every 10, then resumed to 50;
-# then the bench's row of the same shape and settings, so summary.json's peak can be read beside it.
+# then the bench's row of the same shape and settings (the tables in host memory, the CLI's default
+# since 2026-11-28), so summary.json's peak can be read beside it.
 # Dropout is 0 in both (the bench has none).
 #   usage: experiments/gpu_cli_memory.sh TOKENIZER_DIR GSM8K_DIR OUT_DIR
 set -uo pipefail
@@ -19,4 +20,4 @@ python3 -m qlora_jax.train "${common[@]}" --config.train.max_steps=50 --config.r
 echo "resumed to 50: exit $?; checkpoints: $(ls "$runs/run/checkpoints" 2>/dev/null | tr '\n' ' ')"
 cp "$runs/run/summary.json" "$out/cli_summary_resumed50.json"
 python3 experiments/bench_throughput.py --shapes llama3-8b:1x2048 --frameworks qlora_jax --r 64 \
-  --remat full --offload 1 --loss_chunk 256 --out "$out" --call "${CALL:-cli-memory}"
+  --remat full --offload 1 --loss_chunk 256 --offload_embeddings 1 --out "$out" --call "${CALL:-cli-memory}"
