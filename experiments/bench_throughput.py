@@ -109,7 +109,7 @@ def framework_command(framework: str, name: str, batch: int, seq: int, a: argpar
     script = {"torch": "bench_torch.py", "unsloth": "bench_unsloth.py"}[framework]
     cmd = [os.path.join(here, script), f"--preset={name}", f"--batch={batch}", f"--seq={seq}", f"--r={a.r}"]
     cmd += [f"--steps={a.steps}", f"--warmup={a.warmup}"]
-    return cmd + ([f"--model_dir={a.model_dir}"] if framework == "unsloth" else [])
+    return cmd + [f"--model_dir={a.model_dir}"]
 
 
 def framework_env(framework: str, a: argparse.Namespace) -> dict[str, str]:
@@ -151,7 +151,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq_tile", type=int, default=0, help="qlora_jax: MLP sequence tile (0: whole)")
     p.add_argument("--dequant_slices", type=int, default=1, help="qlora_jax: NF4 dequant slices")
     p.add_argument("--offload_embeddings", type=int, default=0, help="qlora_jax: 1: tables in host memory")
-    p.add_argument("--model_dir", default=".bench_models", help="unsloth: where its random models are saved")
+    p.add_argument("--model_dir", default=".bench_models", help="where random PyTorch-side models are saved")
     p.add_argument("--call", default="", help="call id shared by the rows (default: now)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
 

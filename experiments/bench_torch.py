@@ -1,10 +1,12 @@
 """The PyTorch QLoRA stack on one shape: transformers + peft + bitsandbytes (NF4, double quant),
 sdpa attention, gradient checkpointing, PagedAdamW32bit, LoRA on all 7 projections, random tokens.
 Prints one JSON line (RESULT {...}, child_runs.report). Called by bench_throughput.py; random bf16
-weights are built on the GPU and quantized there, layer by layer, so nothing large travels."""
+weights are built on the GPU and quantized there, so nothing large travels (shapes too large for
+that load a 4-bit checkpoint that bench_models.py writes once per machine)."""
 
 from __future__ import annotations
 
+import bench_models
 import bitsandbytes as bnb
 import child_runs
 import peft
@@ -42,17 +44,27 @@ def quantize_linears(model: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def qlora_model(preset_name: str, r: int) -> torch.nn.Module:
-    """The preset's shape with random bf16 weights built on the current GPU, its linears in NF4,
-    gradient checkpointing on, and peft LoRA (alpha 2r) on all 7 projections."""
+def qlora_model(preset_name: str, r: int, model_dir: str) -> torch.nn.Module:
+    """The preset's shape with random weights, its linears in NF4, gradient checkpointing on, and
+    peft LoRA (alpha 2r) on all 7 projections. The bf16 weights are built on the current GPU and
+    quantized there; a shape whose 16-bit weights do not fit it loads bench_models.py's 4-bit
+    checkpoint instead (saved under model_dir)."""
     cfg = preset(preset_name)
     torch.manual_seed(0)
     # Gemma 2's attention soft-cap runs only in transformers' eager attention (sdpa would skip it)
     attention = "eager" if cfg.attn_logit_softcapping else "sdpa"
-    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), attn_implementation=attention)
-    with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
-    quantize_linears(model)
+    if bench_models.fits_in_bf16(preset_name, torch.cuda.get_device_properties(0).total_memory):
+        hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), attn_implementation=attention)
+        with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
+        quantize_linears(model)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            bench_models.bnb4bit_model(preset_name, model_dir),
+            device_map="cuda",
+            dtype=torch.bfloat16,
+            attn_implementation=attention,
+        )
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -71,7 +83,7 @@ VERSIONS = {"transformers": transformers.__version__, "peft": peft.__version__}
 
 def main() -> None:
     a = torch_steps.parser().parse_args()
-    model = qlora_model(a.preset, a.r)
+    model = qlora_model(a.preset, a.r, a.model_dir)
     vocab = preset(a.preset).vocab_size
     child_runs.report(torch_steps.time_steps("torch+peft+bnb", model, vocab, a, VERSIONS, autocast=True))
 

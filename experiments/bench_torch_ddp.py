@@ -25,7 +25,7 @@ def main() -> None:
     rank, world = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    model = bench_torch.qlora_model(a.preset, a.r)  # same seed: every rank builds the same base
+    model = bench_torch.qlora_model(a.preset, a.r, a.model_dir)  # same seed: every rank builds the same base
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
     torch.manual_seed(rank)  # each rank its own tokens
     row = torch_steps.time_steps(

@@ -3,10 +3,11 @@ projections, its recommended `use_gradient_checkpointing="unsloth"` (activations
 host), PagedAdamW32bit as in bench_torch.py, random tokens. Prints one JSON line (RESULT {...},
 child_runs.report); called by bench_throughput.py and bench_context.py.
 
-Unsloth loads only from a directory, so the first run of a preset saves random bf16 weights
-(built on the GPU) plus a word-level tokenizer of the preset's vocabulary under --model_dir; later
-runs on the same machine reuse it. Start it as Unsloth asks: imported before transformers, with
-HF_HUB_OFFLINE=1 and UNSLOTH_DISABLE_STATISTICS=1 (set below before the import).
+Unsloth loads only from a directory, so the first run of a preset saves a random model under
+--model_dir (bench_models.py: bf16 weights it quantizes as it loads, or for shapes whose 16-bit
+weights do not fit the GPU a 4-bit checkpoint); later runs on the same machine reuse it. Start it
+as Unsloth asks: imported before transformers, with HF_HUB_OFFLINE=1 and
+UNSLOTH_DISABLE_STATISTICS=1 (set below before the import).
 """
 
 from __future__ import annotations
@@ -17,49 +18,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 
 import unsloth  # noqa: E402,I001  (must come before transformers)
+import bench_models  # noqa: E402
 import child_runs  # noqa: E402
 import torch  # noqa: E402
 import torch_steps  # noqa: E402
 import transformers  # noqa: E402
 
-from qlora_jax.models.config import to_hf_config  # noqa: E402
 from qlora_jax.models.presets import preset  # noqa: E402
 
 
-def word_level_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    """A tokenizer whose vocabulary matches the model's embedding rows exactly (tokens t0..tV-1)."""
-    import tokenizers
-
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="t1", eos_token="t2", unk_token="t0", pad_token="t0"
-    )
-
-
-def saved_random_model(name: str, root: str) -> str:
-    """A directory holding a random bf16 model of the preset's shape and a matching tokenizer."""
-    directory = os.path.join(root, name)
-    if os.path.exists(os.path.join(directory, "config.json")):
-        return directory
-    cfg = preset(name)
-    torch.manual_seed(0)
-    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg))
-    with torch.device("cuda"):  # the preset's family: LlamaForCausalLM, Qwen2ForCausalLM, ...
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
-    model.save_pretrained(directory, max_shard_size="4GB")
-    word_level_tokenizer(cfg.vocab_size).save_pretrained(directory)
-    del model
-    torch.cuda.empty_cache()
-    return directory
-
-
 def main() -> None:
-    p = torch_steps.parser()
-    p.add_argument("--model_dir", default=".bench_models")
-    a = p.parse_args()
-    directory = saved_random_model(a.preset, a.model_dir)
+    a = torch_steps.parser().parse_args()
+    if bench_models.fits_in_bf16(a.preset, torch.cuda.get_device_properties(0).total_memory):
+        directory = bench_models.bf16_model(a.preset, a.model_dir)
+    else:
+        directory = bench_models.bnb4bit_model(a.preset, a.model_dir)
     model, _ = unsloth.FastLanguageModel.from_pretrained(
         directory, max_seq_length=a.seq, dtype=torch.bfloat16, load_in_4bit=True
     )

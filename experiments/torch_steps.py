@@ -34,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--r", "--lora_rank", dest="r", type=int, default=16)  # torchrun: --lora_rank
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--model_dir", default=".bench_models", help="saved random models (bench_models.py)")
     return p
 
 
