@@ -6,7 +6,8 @@ gradients on real tokens against a float32 reference, and times forward + backwa
 Writes $OUT/packed_attention_probe.json.
 
 cuDNN's packed layout takes, per row, each segment's start (`q_offsets`, [B, M + 1]) and length
-(`q_seqlen`, [B, M]), -1 past the row's last segment, M a static bound on segments per row.
+(`q_seqlen`, [B, M]), -1 past the row's last segment, M a static bound on segments per row; the
+probe derives them as the model does (packing.segment_starts, then attention.packed_layout).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+from qlora_jax.data import packing
+from qlora_jax.models import attention
 
 SHAPES = {  # name: (batch, length, query heads, kv heads, head dim)
     "llama3-8b 1x2048": (1, 2048, 32, 8, 128),
@@ -41,18 +45,6 @@ def segments(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
     return ids
 
 
-def offsets_and_lengths(ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-    """Per row: each segment's first index ([B, M + 1]) and length ([B, M]), -1 where unused."""
-    length = ids.shape[1]
-    starts = (ids > 0) & (jnp.concatenate([jnp.zeros_like(ids[:, :1]), ids[:, :-1]], 1) != ids)
-    index = jnp.arange(length)
-    order = jnp.sort(jnp.where(starts, index, length), axis=1)[:, : max_segments + 1]
-    counts = jax.vmap(lambda row: jnp.bincount(row, length=max_segments + 2)[1 : max_segments + 1])(ids)
-    offsets = jnp.where(order < length, order, -1)
-    seqlen = jnp.where(counts > 0, counts, -1)
-    return offsets.astype(jnp.int32), seqlen.astype(jnp.int32)
-
-
 def segment_mask(ids: jax.Array) -> jax.Array:
     """(B, 1, T, T) causal mask inside a segment; padding (0) attends to nothing real."""
     same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] > 0)
@@ -63,7 +55,8 @@ def segment_mask(ids: jax.Array) -> jax.Array:
 def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[dict]:
     """Every path's rows for one shape: errors against the float32 reference, time, or the error."""
     batch, length, heads, kv_heads, dim = dims
-    ids = jnp.asarray(segments(rng, batch, length))
+    ids_np = segments(rng, batch, length)
+    ids = jnp.asarray(ids_np)
     real = np.asarray(ids > 0)[:, :, None, None]
     keys = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(keys[0], (batch, length, heads, dim), jnp.bfloat16)
@@ -79,15 +72,15 @@ def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[di
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
     def packed(q, k, v, bound=max_segments, mask_type=cudnn.MaskType.PADDING_CAUSAL):
-        offsets, seqlen = offsets_and_lengths(ids, bound)
+        layout = attention.packed_layout(jnp.asarray(packing.segment_starts(ids_np, bound)))
         return cudnn.dot_product_attention(
             q,
             k,
             v,
-            q_seqlen=seqlen,
-            kv_seqlen=seqlen,
-            q_offsets=offsets,
-            kv_offsets=offsets,
+            q_seqlen=layout.lengths,
+            kv_seqlen=layout.lengths,
+            q_offsets=layout.offsets,
+            kv_offsets=layout.offsets,
             scale=scale,
             mask_type=mask_type,
             qkv_layout="BTNH",
