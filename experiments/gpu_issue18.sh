@@ -5,7 +5,7 @@
 # OUT/throughput.jsonl to experiments/results/ and run plot_throughput.py. On a machine of several
 # GPUs, run stages as lanes of experiments/gpu_lanes.sh beside the context runs
 # (experiments/gpu_context_runs.sh); a machine is held at most 30 minutes.
-#   usage: CALL=<id> experiments/gpu_issue18.sh STAGE OUT_DIR      STAGE: 1 to 6
+#   usage: CALL=<id> experiments/gpu_issue18.sh STAGE OUT_DIR      STAGE: 1 to 5
 set -uo pipefail
 stage=$1 out=$2
 call=${CALL:?set CALL: every stage of one call shares it}
@@ -18,19 +18,16 @@ case $stage in
   2) run bench_throughput.py --shapes llama2-7b:4x2048,llama3-8b:1x2048 "${all[@]}" "${ours[@]}" ;;
   3) run bench_throughput.py --shapes llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048 \
        --frameworks qlora_jax --offload_embeddings 1 "${ours[@]}" ;;
-  # 70B at 2,048 tokens with the host tables and the per-leaf AdamW update (6675460): 4
-  # dequantization slices, then none (the MLP tiles of 1,024 and 512 tokens measured in call
-  # issue18-x4b-9cb5936 did not move the peak: it was the update)
-  4) run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
+  # 70B at 2,048 tokens: the row of all three frameworks with our host tables, 4 dequantization
+  # slices and the per-leaf AdamW update (6675460), then ours without slices. Unsloth and PyTorch
+  # load a random 4-bit checkpoint that bench_models.py writes first (its bf16 weights fit no GPU).
+  # The MLP tiles of 1,024 and 512 tokens (call issue18-x4b-9cb5936) did not move the peak.
+  4) run bench_throughput.py --shapes llama2-70b:1x2048 "${all[@]}" --steps 3 --warmup 2 \
        --dequant_slices 4 --offload_embeddings 1 "${ours[@]}"
      run bench_throughput.py --shapes llama2-70b:1x2048 --frameworks qlora_jax --steps 3 --warmup 2 \
        --offload_embeddings 1 "${ours[@]}" ;;
   # offload instead of recompute, every matmul operand on the host (remat_policy=offload_all)
   5) run bench_throughput.py --shapes llama2-7b:1x2048,llama2-7b:4x2048,llama3-8b:1x2048 \
        --frameworks qlora_jax --remat offload_all --offload 1 --loss_chunk 256 ;;
-  # the 70B row of all three frameworks: ours as stage 4's first run; Unsloth and PyTorch load a
-  # random 4-bit checkpoint that bench_models.py writes first (its bf16 weights fit no GPU)
-  6) run bench_throughput.py --shapes llama2-70b:1x2048 "${all[@]}" --steps 3 --warmup 2 \
-       --dequant_slices 4 --offload_embeddings 1 "${ours[@]}" ;;
-  *) echo "stage $stage: valid stages are 1 to 6" >&2; exit 2 ;;
+  *) echo "stage $stage: valid stages are 1 to 5" >&2; exit 2 ;;
 esac
