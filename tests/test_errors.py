@@ -368,10 +368,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     restored_state, record = resumed.restore(1, {"lora": lora, "opt_state": state})
     restored = restored_state["lora"]
     assert record == {"step": 1} and restored["a"].tolist() == [0.0, 1.0, 2.0, 3.0]
-    # the leftover temporary directory is replaced
-    resumed.save(2, {"lora": lora, "opt_state": state}, {"step": 2})
-    resumed.wait()
-    assert resumed.latest_step() == 2
+    # Replacing the leftover temporary directory is the CLI test's below, in a new process as a
+    # real resume is: here the failed save's array write may still be running (Orbax stops waiting
+    # at the first failed part), and removing a directory being written races with it.
 
 
 def test_disk_full_during_a_run_reports_it_and_resume_continues(tiny_model, tmp_path):
@@ -402,6 +401,8 @@ def test_disk_full_during_a_run_reports_it_and_resume_continues(tiny_model, tmp_
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 2" in resumed.stdout
+    # the failed save's leftover temporary directory was replaced by the resumed run's step 4
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "6"]
 
 
 def test_second_run_into_the_same_output_dir_refuses(tmp_path):
