@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,12 +47,13 @@ NOISE_FACTOR = 3.0
 TWO_GPUS = {"CUDA_VISIBLE_DEVICES": "0,1"}  # also on a larger machine: a 2-device mesh sees exactly 2
 LAYOUTS = {
     "1 GPU": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1"]),
-    "2 GPUs, mesh.data=2": (TWO_GPUS, ["--config.mesh.data=2"]),
-    # the embedding and head tables in host memory (model.offload_embeddings) on one layout
-    "2 GPUs, mesh.fsdp=2, tables on host": (
+    # the embedding and head tables on the device on one layout (model.offload_embeddings=False;
+    # host memory, the default, on the others)
+    "2 GPUs, mesh.data=2, tables on device": (
         TWO_GPUS,
-        ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.model.offload_embeddings=True"],
+        ["--config.mesh.data=2", "--config.model.offload_embeddings=False"],
     ),
+    "2 GPUs, mesh.fsdp=2": (TWO_GPUS, ["--config.mesh.data=1", "--config.mesh.fsdp=2"]),
 }
 
 
@@ -150,8 +152,18 @@ def check(name: str, ok: bool, figure: object) -> dict[str, object]:
     return {"check": name, "pass": bool(ok), "figure": figure}
 
 
-def tail(text: str, n: int = 600) -> str:
-    return text[-n:].replace("\r", "\n")
+_RAISED = re.compile(r"^([\w.]*(Error|Exception)\b|error:)", re.MULTILINE)
+
+
+def tail(text: str, n: int = 600, message_chars: int = 3000) -> str:
+    """A failed run's log for the report: from the last raised exception's line on (the whole
+    message, which XLA's errors spread over many lines; at most `message_chars`), else the last
+    `n` characters."""
+    text = text.replace("\r", "\n")
+    raised = list(_RAISED.finditer(text))
+    if raised:
+        return text[raised[-1].start() :][:message_chars]
+    return text[-n:]
 
 
 def layout_checks(layout: str, base: str, work: str) -> list[dict[str, object]]:
