@@ -54,6 +54,7 @@ def run_layout(
     processes: tuple[str, int, int] | None = None,
     profile: bool = False,
     gspmd: bool = False,
+    scan_layers: bool = True,
 ):
     import tempfile
 
@@ -79,7 +80,7 @@ def run_layout(
     mesh_cfg = sharding.MeshConfig(**{"data": 1} | {k: int(v) for k, v in sizes.items()})
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n_devices])
     model, frozen = llama.random_init(
-        preset, quantization="nf4", dtype="bfloat16", remat_policy=remat, mesh=mesh
+        preset, quantization="nf4", dtype="bfloat16", remat_policy=remat, scan_layers=scan_layers, mesh=mesh
     )
     load_peaks = _device_peaks(jax, multihost_utils, mesh)
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
@@ -169,6 +170,7 @@ def main() -> None:
     p.add_argument(
         "--gspmd", type=int, default=0, help="1: GSPMD places the gradient sum and fsdp weights (A/B)"
     )
+    p.add_argument("--scan_layers", type=int, default=1, help="0: layer loop unrolled (model.scan_layers)")
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--call", default="", help="the call id to record (a call split over commands)")
@@ -191,6 +193,7 @@ def main() -> None:
             (coordinator, int(count), int(process_id)) if a.process else None,
             bool(a.profile),
             bool(a.gspmd),
+            bool(a.scan_layers),
         )
         if process_id == "0":
             child_runs.report(result)
@@ -235,6 +238,7 @@ def main() -> None:
                     "offload_state",
                     "profile",
                     "gspmd",
+                    "scan_layers",
                 )
             ]
             row = (run_processes(cmd, n) if layout.split(":")[0].endswith("p") else child_runs.run(cmd)) | {
@@ -242,6 +246,7 @@ def main() -> None:
                 "remat": a.remat,
                 "offload_state": a.offload_state,
                 "placement": "gspmd" if a.gspmd else "ours",
+                "scan_layers": bool(a.scan_layers),
             }
         row |= {
             "layout": layout,

@@ -4,7 +4,8 @@
 # device-to-host copies sat on the compute stream, 12% of the 670 ms step. One GPU: the same step
 # (remat auto = offload, AdamW state offloaded) traced under XLA flags that may move them off it,
 # one row each in OUT/scaling.jsonl with the flags as its label, and the optimized HLO's
-# host-memory instructions of the default and the first variant in OUT/host_transfers_*.json.
+# host-memory instructions of the default, the first variant and the unrolled layers in
+# OUT/host_transfers_*.json.
 #   usage: experiments/gpu_offload_overlap.sh OUT_DIR [CALL]
 set -uo pipefail
 out=$1 call=${2:-offload-overlap}
@@ -27,3 +28,10 @@ for i in "${!variants[@]}"; do
     python3 "$here/hlo_host_transfers.py" "/tmp/hlo_$i" >"$out/host_transfers_$i.json"
   fi
 done
+# the layer loop unrolled: each layer's input its own array, so its offload is a plain copy between
+# memory spaces (those of the offloaded AdamW state ran on streams of their own in the same trace)
+XLA_FLAGS="--xla_dump_to=/tmp/hlo_unrolled --xla_dump_hlo_as_text" python3 "$here/bench_scaling.py" \
+  "${step[@]}" --scan_layers 0 --profile 1 --label "scan_layers=0" --call "$call" --out "$out" \
+  >"$out/offload_overlap_unrolled.log" 2>&1
+echo "unrolled layers: exit $?"
+python3 "$here/hlo_host_transfers.py" /tmp/hlo_unrolled >"$out/host_transfers_unrolled.json"
