@@ -28,8 +28,10 @@ for i in "${!variants[@]}"; do
     python3 "$here/hlo_host_transfers.py" "/tmp/hlo_$i" >"$out/host_transfers_$i.json"
   fi
 done
-# the layer loop unrolled: each layer's input its own array, so its offload is a plain copy between
-# memory spaces (those of the offloaded AdamW state ran on streams of their own in the same trace)
+# the layer loop unrolled: no loop, so no dynamic slices into the host stack (JAX joins the unrolled
+# layers' residuals with a concatenate); plain copies between memory spaces, as the offloaded AdamW
+# state's, ran on streams of their own in that trace. The row's peak shows whether the layer inputs
+# still leave the device one by one.
 XLA_FLAGS="--xla_dump_to=/tmp/hlo_unrolled --xla_dump_hlo_as_text" python3 "$here/bench_scaling.py" \
   "${step[@]}" --scan_layers 0 --profile 1 --label "scan_layers=0" --call "$call" --out "$out" \
   >"$out/offload_overlap_unrolled.log" 2>&1
