@@ -1,0 +1,84 @@
+"""GPU check: every remat policy gives the loss and LoRA gradients of no remat at all.
+
+On the CPU the offloading policies keep their values on the device (XLA:CPU has no host memory
+space), so the CPU tests never run the GPU's host-offload path: dynamic-(update-)slices of a host
+stack inside the scanned layers, made asynchronous by XLA's GPU pipeline. openxla/xla#46231 fixed
+wrong gradients there (a reversed slice offset when reading offloaded scan residuals back, with
+no error). This runs the step's gradient under each policy on a small random NF4 model in float32
+with XLA attention, so remat changes only what is recomputed versus kept, and compares with
+`none`. A wrong layer's input read back moves gradients by O(1) of their size; float32
+recomputation reorders sums by ~1e-6. Written to $OUT/remat_parity.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from qlora_jax import lora as lora_lib
+from qlora_jax.models import llama
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.train import step as step_lib
+
+POLICIES = ("full", "offload", "offload_attention", "offload_all")
+TOLERANCE = 1e-4  # of the largest gradient: float32 sums in another order, nowhere near a wrong layer
+
+
+def gradients(cfg: LlamaConfig, frozen, tree, lora_cfg, batch) -> tuple[float, list[np.ndarray]]:
+    model = llama.Llama(cfg)
+    loss, _, grads = jax.jit(
+        lambda t: step_lib.mean_loss_and_grads(model, lora_cfg, t, frozen, batch, None, 1, 256)
+    )(tree)
+    return float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
+def main() -> None:
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        dtype="float32",
+        attention_impl="xla",
+    )
+    _, frozen = llama.random_init(cfg, quantization="nf4", dtype="float32")
+    lora_cfg = lora_lib.LoraConfig(r=8, alpha=16, target_modules="all-linear")
+    tree = lora_lib.init_lora(jax.random.key(0), frozen, cfg, lora_cfg)
+    tree = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "b" else x, tree)
+    ids = np.random.default_rng(0).integers(0, 1024, (2, 512)).astype(np.int32)
+    batch = {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    ref_loss, ref = gradients(cfg.replace(remat_policy="none"), frozen, tree, lora_cfg, batch)
+    largest = max(float(np.abs(g).max()) for g in ref)
+    rows = {}
+    for policy in POLICIES:
+        for tile in (0, 128):  # the MLP over sequence tiles too: a scan nested in the layers' scan
+            policy_cfg = cfg.replace(remat_policy=policy, seq_tile=tile)
+            loss, got = gradients(policy_cfg, frozen, tree, lora_cfg, batch)
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref, strict=True)) / largest
+            rows[f"{policy}, seq_tile={tile}"] = {
+                "loss": loss,
+                "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss),
+                "grad_max_diff_over_largest": diff,
+                "pass": diff <= TOLERANCE,
+            }
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "shape": "B=2 T=512 D=512 H=8 KV=2 L=6 float32 NF4, XLA attention, LoRA r=8 all linears",
+        "reference": {"policy": "none", "loss": ref_loss},
+        "tolerance": TOLERANCE,
+        "policies": rows,
+        "all_pass": all(r["pass"] for r in rows.values()),
+    }
+    with open(os.path.join(os.environ.get("OUT", "experiments/results"), "remat_parity.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
