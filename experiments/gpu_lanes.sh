@@ -2,7 +2,8 @@
 # Several benchmark commands at once on one multi-GPU machine, one GPU ("lane") each, in their own
 # process session so they outlive the device tool's 10-minute commands. `start` launches the lanes
 # and returns; `wait` sleeps while any lane runs (keeping the machine warm), then gathers what the
-# lanes wrote so far into OUT: throughput.jsonl and context.jsonl (all lanes' rows) and lanes.log.
+# lanes wrote so far into OUT: throughput.jsonl and context.jsonl (all lanes' rows), each lane's
+# other JSON results under OUT/laneGPU/, and lanes.log.
 # Each lane's command sees CUDA_VISIBLE_DEVICES=GPU and LANE_OUT, its own results folder, and runs
 # in a copy of the repository taken at `start`, first on PYTHONPATH: the device tool re-copies the
 # working tree at each command, and a lane process started during that copy found its script
@@ -40,6 +41,13 @@ case ${1:-} in
     for kind in throughput context; do
       rows=("$work"/lane*/"$kind".jsonl)
       ((${#rows[@]})) && cat "${rows[@]}" >"$out/$kind.jsonl"
+    done
+    for lane in "$work"/lane*/; do  # the lanes' other results (JSON: smoke, traces, parity checks)
+      files=()
+      for f in "$lane"*.json "$lane"*.jsonl; do
+        case $(basename "$f") in throughput.jsonl | context.jsonl) ;; *) files+=("$f") ;; esac
+      done
+      ((${#files[@]})) && mkdir -p "$out/$(basename "$lane")" && cp "${files[@]}" "$out/$(basename "$lane")/"
     done
     for log in "$work"/lane*.log; do echo "=== $log"; tail -c 100000 "$log"; done >"$out/lanes.log"
     for log in "$work"/lane*.log; do echo "=== $log"; tail -n 6 "$log"; done
