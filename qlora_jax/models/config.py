@@ -61,7 +61,7 @@ REMAT_POLICIES = (
     "auto",  # offload; offload_attention from 16,384 tokens per row where the host holds it
     "none",  # keep every activation (no rematerialization)
     "full",  # save only the layer inputs, recompute the rest in backward
-    "offload",  # as full, with the saved layer inputs in pinned host memory (copies overlap compute)
+    "offload",  # as full, with the saved layer inputs in pinned host memory (copies scheduled by XLA)
     "offload_attention",  # as offload, plus attention's output and statistics: no attention recompute
     "offload_all",  # every matmul operand on the host: backward recomputes no forward at all
     "dots_saveable",  # keep matmul outputs, recompute elementwise work

@@ -46,7 +46,8 @@ MATMUL_OPERANDS = "matmul_operands"  # normed inputs, q/k/v, gate/up and the MLP
 
 
 def _offload(*names: str) -> Any:
-    """Keep only the named values for backward, in pinned host memory (copies overlap compute)."""
+    """Keep only the named values for backward, in pinned host memory (XLA schedules the copies;
+    whether they overlap compute is its choice: experiments/NOTES.md, issue 18)."""
     return jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[],
         names_which_can_be_offloaded=list(names),
