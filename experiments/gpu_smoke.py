@@ -12,8 +12,10 @@ resumes with resume=auto to the end, comparing the losses after the stop with th
 run's against the difference a plain repeat of the run shows (GPU noise between processes); exports the
 adapter as PEFT, Orbax and merged; generates with --adapter. Once, two fresh processes (the
 second with autotuning off, which changed the NF4 bytes before the fix) load the base and must
-give the same fingerprint. Independent runs of one layout go in parallel, and with --parallel the
-layouts too, to fit one call (each process allocates GPU memory on demand).
+give the same fingerprint, and every remat policy must give no remat's gradients
+(experiments/remat_parity.py: the host-offload path, which CPU tests never run). Independent
+runs of one layout go in parallel, and with --parallel the layouts too, to fit one call (each
+process allocates GPU memory on demand).
 Writes JSON: commit, GPU, and per check pass/fail with its figure.
 """
 
@@ -327,6 +329,24 @@ def fingerprint_check(base: str) -> dict[str, object]:
     return check(name, prints[0] == prints[1], prints)
 
 
+def remat_parity_check(work: str) -> dict[str, object]:
+    """experiments/remat_parity.py on one GPU: the host-offloading remat policies (`offload` is the
+    default below 16,384 tokens a row, and the runs here use `full`) against no remat, a path the
+    CPU tests never take."""
+    out = os.path.join(work, "remat_parity")
+    os.makedirs(out)
+    script = os.path.join(REPO, "experiments", "remat_parity.py")
+    env = command_env({"CUDA_VISIBLE_DEVICES": "0"}) | {"OUT": out}
+    code, log = run([sys.executable, script], os.path.join(work, "logs", "remat_parity.log"), env)
+    name = "every remat policy gives the loss and LoRA gradients of no remat"
+    if code != 0:
+        return check(name, False, {"exit": code, "log": tail(log)})
+    with open(os.path.join(out, "remat_parity.json")) as f:
+        result = json.load(f)
+    diffs = {k: v["grad_max_diff_over_largest"] for k, v in result["policies"].items()}
+    return check(name, result["all_pass"], {"tolerance": result["tolerance"], "grad_max_diff": diffs})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="a tokenizer directory (SmolLM2's)")
@@ -375,10 +395,14 @@ def main() -> None:
         return report
 
     layouts = args.layouts.split(";")
-    with ThreadPoolExecutor(len(layouts) if args.parallel else 1) as pool:
-        for results in pool.map(lambda layout: layout_checks(layout, base, work), layouts):
-            checks += results
-            report = write_report()
+    with ThreadPoolExecutor(1) as beside:  # its own small process, beside the layouts
+        parity = beside.submit(remat_parity_check, work)
+        with ThreadPoolExecutor(len(layouts) if args.parallel else 1) as pool:
+            for results in pool.map(lambda layout: layout_checks(layout, base, work), layouts):
+                checks += results
+                report = write_report()
+        checks.append(parity.result())
+        report = write_report()
     print(f"{sum(c['pass'] for c in checks)}/{len(checks)} checks pass in {report['seconds']} s; {args.out}")
     sys.exit(0 if report["all_pass"] else 1)
 
