@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument(
         "--gspmd", type=int, default=0, help="1: GSPMD places the gradient sum and fsdp weights (A/B)"
     )
-    p.add_argument("--scan_layers", type=int, default=1, help="0: layer loop unrolled (model.scan_layers)")
+    p.add_argument("--scan_layers", type=int, default=1, help="0: layer by layer (model.scan_layers)")
     p.add_argument("--torch_ddp", type=int, default=0, help="GPUs for the PyTorch DDP anchor (0: none)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     p.add_argument("--call", default="", help="the call id to record (a call split over commands)")

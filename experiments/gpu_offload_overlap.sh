@@ -4,7 +4,7 @@
 # device-to-host copies sat on the compute stream, 12% of the 670 ms step. One GPU: the same step
 # (remat auto = offload, AdamW state offloaded) traced under XLA flags that may move them off it,
 # one row each in OUT/scaling.jsonl with the flags as its label, and the optimized HLO's
-# host-memory instructions of the default, the first variant and the unrolled layers in
+# host-memory instructions of the default, the first variant and the layer-by-layer model in
 # OUT/host_transfers_*.json.
 #   usage: experiments/gpu_offload_overlap.sh OUT_DIR [CALL]
 set -uo pipefail
@@ -28,12 +28,11 @@ for i in "${!variants[@]}"; do
     python3 "$here/hlo_host_transfers.py" "/tmp/hlo_$i" >"$out/host_transfers_$i.json"
   fi
 done
-# the layer loop unrolled: no loop, so no dynamic slices into the host stack (JAX joins the unrolled
-# layers' residuals with a concatenate); plain copies between memory spaces, as the offloaded AdamW
-# state's, ran on streams of their own in that trace. The row's peak shows whether the layer inputs
-# still leave the device one by one.
+# the layers one after another (model.scan_layers=False): no loop, so each layer's offloaded input
+# is an array of its own, moved by a plain copy between memory spaces, as the offloaded AdamW
+# state is (whose copies ran on streams of their own in that trace). Compiles every layer.
 XLA_FLAGS="--xla_dump_to=/tmp/hlo_unrolled --xla_dump_hlo_as_text" python3 "$here/bench_scaling.py" \
-  "${step[@]}" --scan_layers 0 --profile 1 --label "scan_layers=0" --call "$call" --out "$out" \
+  "${step[@]}" --scan_layers 0 --profile 1 --label "scan_layers=0 (layer by layer)" --call "$call" --out "$out" \
   >"$out/offload_overlap_unrolled.log" 2>&1
-echo "unrolled layers: exit $?"
+echo "layer by layer: exit $?"
 python3 "$here/hlo_host_transfers.py" /tmp/hlo_unrolled >"$out/host_transfers_unrolled.json"

@@ -147,7 +147,7 @@ class LlamaConfig:
     pad_token_id: int | None = None
     # How to run it (not part of the checkpoint).
     dtype: str = "bfloat16"  # compute dtype of matmuls and the residual stream
-    scan_layers: bool = True  # False unrolls the layer loop (longer compile, sometimes faster)
+    scan_layers: bool = True  # False: the layers one after another, no loop (longer compile)
     remat_policy: str = "none"
     attention_impl: str | None = None  # None: cuDNN flash attention on GPU when it applies, else XLA
     seq_tile: int = 0  # > 0: run the MLP over tiles of this many tokens (long context); 0: whole

@@ -10,7 +10,8 @@ GPT-2's `norm_type`, `position_embedding`, `gated_mlp`; the MLP's `hidden_act`).
 Weights are not Flax params: the module reads them from two variable collections passed at
 apply time, `frozen` (the base model, NF4 or dense, read-only) and `lora` (adapters). Their tree
 mirrors HF names: frozen["layers"]["self_attn"]["q_proj"]["weight"] holds all layers stacked on
-axis 0; the model runs them with `nn.scan` (optionally unrolled) under a named remat policy.
+axis 0; the model runs them with `nn.scan`, or one after another (scan_layers=False), under a
+named remat policy.
 """
 
 from __future__ import annotations
@@ -457,20 +458,47 @@ class Decoder(nn.Module):
             local = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=RopeScaling())
             sliding_cos, sliding_sin = cos_sin(local, positions_BxT, dtype)
             ctx = ctx._replace(sliding_cos=sliding_cos, sliding_sin=sliding_sin)
-        layer = DecoderLayer
         policy = remat_policy_name(cfg.remat_policy, cfg, *tokens_BxT.shape)
-        if policy != "none":
-            layer = nn.remat(layer, policy=REMAT_POLICY_FNS[policy], prevent_cse=False)
-        layers = nn.scan(
-            layer,
-            variable_axes={"frozen": 0, "lora": 0},
-            split_rngs={"dropout": True},
-            in_axes=(0, nn.broadcast, 0),
-            length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
-        )(cfg, self.lora_dropout, name="layers")
-        x, cache_kv = layers(x, cache_kv, ctx, is_sliding)
+        if cfg.scan_layers:
+            layer = DecoderLayer
+            if policy != "none":
+                layer = nn.remat(layer, policy=REMAT_POLICY_FNS[policy], prevent_cse=False)
+            layers = nn.scan(
+                layer,
+                variable_axes={"frozen": 0, "lora": 0},
+                split_rngs={"dropout": True},
+                in_axes=(0, nn.broadcast, 0),
+                length=cfg.num_layers,
+            )(cfg, self.lora_dropout, name="layers")
+            x, cache_kv = layers(x, cache_kv, ctx, is_sliding)
+        else:
+            x, cache_kv = self._layer_by_layer(policy, x, cache_kv, ctx, is_sliding)
         return norm(cfg, "norm")(x), cache_kv
+
+    def _layer_by_layer(self, policy: str, x, cache_kv, ctx: LayerContext, is_sliding):
+        """The layers one after another (model.scan_layers=False), each under its own remat: with
+        no loop, what a layer keeps for backward is an array of its own (an offloaded layer input
+        is a plain copy to host memory, not a slice of a stacked host buffer), at the cost of
+        compiling every layer. The stacked weights are read a layer at a time."""
+        layer = DecoderLayer(self.cfg, self.lora_dropout)
+
+        def run(variables, x, layer_cache, ctx, sliding, rngs):
+            return layer.apply(variables, x, layer_cache, ctx, sliding, rngs=rngs)
+
+        if policy != "none":
+            run = jax.checkpoint(run, policy=REMAT_POLICY_FNS[policy])
+        stacked = {kind: tree["layers"] for kind, tree in self.variables.items() if "layers" in tree}
+        updated = []
+        for i in range(self.cfg.num_layers):
+            layer_cache = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+            rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else None
+            sliding = None if is_sliding is None else is_sliding[i]
+            variables = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+            x, layer_cache = run(variables, x, layer_cache, ctx, sliding, rngs)
+            updated.append(layer_cache)
+        if cache_kv is not None:
+            cache_kv = tuple(jnp.stack(parts) for parts in zip(*updated, strict=True))
+        return x, cache_kv
 
 
 @dataclasses.dataclass(frozen=True)

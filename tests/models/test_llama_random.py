@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from qlora_jax import lora as lora_lib
 from qlora_jax.models import llama
 from qlora_jax.models.config import RopeScaling, to_hf_config
 from tests.models.hf_reference import hf_logits, hf_model, rel_err, save, small_config
@@ -105,8 +106,10 @@ def test_packed_segments_equal_separate_sequences(tmp_path):
     assert rel_err(ours[:, 7:], np.asarray(_forward(model, frozen, b))) < TOL
 
 
-def test_kv_cache_decoding_equals_full_forward(tmp_path):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_decoding_equals_full_forward(tmp_path, scan_layers):
     model, frozen = _load(tmp_path, small_config(rope_scaling=ROPES["llama3"]))
+    model = llama.Llama(model.config.replace(scan_layers=scan_layers))  # how to run: not in the checkpoint
     tokens = _tokens(2, 10)
     full = np.asarray(_forward(model, frozen, tokens))
     cache = model.init_cache(batch=2, max_length=16)
@@ -131,6 +134,7 @@ def _loss_and_grad(model, frozen, tokens):
     "runtime",
     [
         dict(scan_layers=False),
+        dict(scan_layers=False, remat_policy="offload_attention"),
         dict(remat_policy="full"),
         dict(remat_policy="dots_with_no_batch_dims_saveable"),
     ],
@@ -144,6 +148,42 @@ def test_unrolled_and_remat_variants_compute_the_same_logits_and_grads(tmp_path,
     np.testing.assert_allclose(var_loss, base_loss, rtol=1e-6)
     for g1, g2 in zip(jax.tree.leaves(base_grad), jax.tree.leaves(var_grad), strict=True):
         np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-7)
+
+
+def test_layer_by_layer_offloads_each_layer_input_as_its_own_array(tmp_path):
+    """scan_layers=False runs the layers without a loop, so the offload policy moves each layer's
+    input to host memory by itself (no stacked host buffer for XLA to slice); the scanned model
+    does it once, inside its loop."""
+    model, frozen = _load(tmp_path, small_config(num_layers=3))
+    tokens = _tokens(2, 8)
+    for scan_layers, offloads_outside_a_loop in ((True, 0), (False, 3)):
+        variant = llama.Llama(model.config.replace(scan_layers=scan_layers, remat_policy="offload"))
+        grad = jax.grad(lambda fr, v=variant: jnp.mean(v.apply(fr, None, tokens) ** 2))
+        top_level = jax.make_jaxpr(grad)(frozen).jaxpr.eqns
+        to_host = [
+            e for e in top_level if e.primitive.name == "device_put" and "host" in str(e.outvars[0].aval)
+        ]
+        assert len(to_host) == offloads_outside_a_loop
+        assert any(e.primitive.name == "scan" for e in top_level) == scan_layers
+
+
+def test_layer_by_layer_applies_adapter_dropout(tmp_path):
+    """Adapter dropout without the scan (each layer draws its own key from the call's): the same
+    key gives the same logits again, another key others."""
+    model, frozen = _load(tmp_path, small_config())
+    model = llama.Llama(model.config.replace(scan_layers=False))
+    cfg = lora_lib.LoraConfig(r=4, target_modules="all-linear", dropout=0.5)
+    adapters = jax.tree.map(
+        lambda x: x + 0.1, lora_lib.init_lora(jax.random.key(0), frozen, model.config, cfg)
+    )
+    tokens = _tokens(2, 8)
+
+    def logits(key):
+        return np.asarray(model.apply(frozen, adapters, tokens, rng=key, lora_dropout=0.5))
+
+    first, again, other = logits(jax.random.key(1)), logits(jax.random.key(1)), logits(jax.random.key(2))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3 * np.abs(first).max()
 
 
 def test_bf16_compute_stays_close_to_fp32(tmp_path):
