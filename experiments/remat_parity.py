@@ -6,8 +6,9 @@ stack inside the scanned layers, made asynchronous by XLA's GPU pipeline. openxl
 wrong gradients there (a reversed slice offset when reading offloaded scan residuals back, with
 no error). This runs the step's gradient under each policy on a small random NF4 model in float32
 with XLA attention, so remat changes only what is recomputed versus kept, and compares with
-`none`. A wrong layer's input read back moves gradients by O(1) of their size; float32
-recomputation reorders sums by ~1e-6. Written to $OUT/remat_parity.json.
+`none`; the layers scanned and one after another (model.scan_layers=False). A wrong layer's
+input read back moves gradients by O(1) of their size; float32 recomputation reorders sums by
+~1e-6. Written to $OUT/remat_parity.json.
 """
 
 from __future__ import annotations
@@ -55,17 +56,19 @@ def main() -> None:
     ref_loss, ref = gradients(cfg.replace(remat_policy="none"), frozen, tree, lora_cfg, batch)
     largest = max(float(np.abs(g).max()) for g in ref)
     rows = {}
-    for policy in POLICIES:
-        for tile in (0, 128):  # the MLP over sequence tiles too: a scan nested in the layers' scan
-            policy_cfg = cfg.replace(remat_policy=policy, seq_tile=tile)
-            loss, got = gradients(policy_cfg, frozen, tree, lora_cfg, batch)
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref, strict=True)) / largest
-            rows[f"{policy}, seq_tile={tile}"] = {
-                "loss": loss,
-                "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss),
-                "grad_max_diff_over_largest": diff,
-                "pass": diff <= TOLERANCE,
-            }
+    # the MLP over sequence tiles (a scan nested in the layers' scan), and the layers one after another
+    variants = [(p, {"seq_tile": tile}) for p in POLICIES for tile in (0, 128)]
+    variants += [(p, {"scan_layers": False}) for p in POLICIES]
+    for policy, runtime in variants:
+        loss, got = gradients(cfg.replace(remat_policy=policy, **runtime), frozen, tree, lora_cfg, batch)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(got, ref, strict=True)) / largest
+        name = f"{policy}, " + ", ".join(f"{k}={v}" for k, v in runtime.items())
+        rows[name] = {
+            "loss": loss,
+            "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss),
+            "grad_max_diff_over_largest": diff,
+            "pass": diff <= TOLERANCE,
+        }
     result = {
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
