@@ -72,7 +72,10 @@ def bnb4bit_model(name: str, root: str) -> str:
     process of its own (this one may hold torch's CUDA context)."""
     directory = os.path.join(root, f"{name}-bnb4bit")
     if not os.path.exists(os.path.join(directory, "config.json")):
-        subprocess.run([sys.executable, os.path.abspath(__file__), name, directory], check=True)
+        # on the GPU, although the PyTorch benches keep their own JAX (presets only) on the CPU
+        env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # beside the caller's CUDA context
+        subprocess.run([sys.executable, os.path.abspath(__file__), name, directory], check=True, env=env)
     return directory
 
 
