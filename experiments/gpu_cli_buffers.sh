@@ -10,7 +10,9 @@ here=$(dirname "$0")
 source "$here/gsm8k_cli_args.sh"
 dump="--xla_dump_hlo_as_text --xla_dump_to"
 (
-  CUDA_VISIBLE_DEVICES=$4 XLA_FLAGS="$dump=/tmp/dump_cli" python3 -m qlora_jax.train "${gsm8k_cli_args[@]}" \
+  # a compilation cache of its own: a step loaded from the cache is not compiled, so not dumped
+  CUDA_VISIBLE_DEVICES=$4 XLA_FLAGS="$dump=/tmp/dump_cli" JAX_COMPILATION_CACHE_DIR=$(mktemp -d) \
+    python3 -m qlora_jax.train "${gsm8k_cli_args[@]}" \
     --config.data.max_seq_len=2048 --config.data.packing=True --config.train.batch_size=1 --config.lora.dropout=0.0 \
     --config.model.offload_embeddings=False \
     --config.train.max_steps=2 --config.train.eval_every=0 --config.train.eval_batches=1 \
