@@ -479,22 +479,23 @@ class Decoder(nn.Module):
         """The layers one after another (model.scan_layers=False), each under its own remat: with
         no loop, what a layer keeps for backward is an array of its own (an offloaded layer input
         is a plain copy to host memory, not a slice of a stacked host buffer), at the cost of
-        compiling every layer. The stacked weights are read a layer at a time."""
+        compiling every layer. Each layer's weights are sliced from the stacked ones inside its
+        remat, so backward slices them again rather than keeping the slices."""
         layer = DecoderLayer(self.cfg, self.lora_dropout)
 
-        def run(variables, x, layer_cache, ctx, sliding, rngs):
+        def run(stacked, i, x, layer_cache, ctx, sliding, rngs):
+            variables = jax.tree.map(lambda leaf: leaf[i], stacked)
             return layer.apply(variables, x, layer_cache, ctx, sliding, rngs=rngs)
 
         if policy != "none":
-            run = jax.checkpoint(run, policy=REMAT_POLICY_FNS[policy])
+            run = jax.checkpoint(run, policy=REMAT_POLICY_FNS[policy], static_argnums=(1,))
         stacked = {kind: tree["layers"] for kind, tree in self.variables.items() if "layers" in tree}
         updated = []
         for i in range(self.cfg.num_layers):
             layer_cache = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
             rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else None
             sliding = None if is_sliding is None else is_sliding[i]
-            variables = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
-            x, layer_cache = run(variables, x, layer_cache, ctx, sliding, rngs)
+            x, layer_cache = run(stacked, i, x, layer_cache, ctx, sliding, rngs)
             updated.append(layer_cache)
         if cache_kv is not None:
             cache_kv = tuple(jnp.stack(parts) for parts in zip(*updated, strict=True))
