@@ -19,6 +19,19 @@ from qlora_jax.models.config import LlamaConfig
 from qlora_jax.train import step as step_lib
 
 
+def random_model_and_batch(cfg: LlamaConfig, rows: int) -> tuple:
+    """(frozen, lora_cfg, adapters, batch): a random NF4 model of `cfg` in its dtype, LoRA r=8 on
+    all linears with B moved off zero (so every adapter matrix gets a gradient), and `rows` rows
+    of 512 random tokens."""
+    _, frozen = llama.random_init(cfg, quantization="nf4", dtype=cfg.dtype)
+    lora_cfg = lora_lib.LoraConfig(r=8, alpha=16, target_modules="all-linear")
+    tree = lora_lib.init_lora(jax.random.key(0), frozen, cfg, lora_cfg)
+    tree = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "b" else x, tree)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, 512)).astype(np.int32)
+    batch = {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    return frozen, lora_cfg, tree, batch
+
+
 def main() -> None:
     cfg = LlamaConfig(
         vocab_size=1024,
@@ -29,12 +42,8 @@ def main() -> None:
         num_kv_heads=2,
         dtype="bfloat16",
     )
-    _, frozen = llama.random_init(cfg, quantization="nf4", dtype="bfloat16")
-    lora_cfg = lora_lib.LoraConfig(r=8, alpha=16, target_modules="all-linear")
-    tree = lora_lib.init_lora(jax.random.key(0), frozen, cfg, lora_cfg)
-    tree = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "b" else x, tree)
-    ids = np.random.default_rng(0).integers(0, 1024, (4, 512)).astype(np.int32)
-    batch = {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    frozen, lora_cfg, tree, batch = random_model_and_batch(cfg, rows=4)
+    ids = batch["inputs"]
     out = {}
     for impl in ("cudnn", "xla"):
         model = llama.Llama(cfg.replace(attention_impl=impl))

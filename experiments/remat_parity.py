@@ -18,8 +18,8 @@ import os
 
 import jax
 import numpy as np
+from attention_parity import random_model_and_batch
 
-from qlora_jax import lora as lora_lib
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.train import step as step_lib
@@ -47,12 +47,7 @@ def main() -> None:
         dtype="float32",
         attention_impl="xla",
     )
-    _, frozen = llama.random_init(cfg, quantization="nf4", dtype="float32")
-    lora_cfg = lora_lib.LoraConfig(r=8, alpha=16, target_modules="all-linear")
-    tree = lora_lib.init_lora(jax.random.key(0), frozen, cfg, lora_cfg)
-    tree = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.01 if p[-1].key == "b" else x, tree)
-    ids = np.random.default_rng(0).integers(0, 1024, (2, 512)).astype(np.int32)
-    batch = {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    frozen, lora_cfg, tree, batch = random_model_and_batch(cfg, rows=2)
     ref_loss, ref = gradients(cfg.replace(remat_policy="none"), frozen, tree, lora_cfg, batch)
     largest = max(float(np.abs(g).max()) for g in ref)
     rows = {}
