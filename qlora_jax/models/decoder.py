@@ -352,6 +352,10 @@ class MLP(nn.Module):
 
     cfg: LlamaConfig
     lora_dropout: float = 0.0
+    # False over sequence tiles: each tile is recomputed in its own backward, so its operands are
+    # not offered to the remat policy (offload_all kept every tile's, and XLA:GPU failed to compile
+    # those host copies inside the nested scan: call issue18-x2a-730b0a3)
+    operands_kept: bool = True
 
     @nn.compact
     def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:
@@ -361,16 +365,18 @@ class MLP(nn.Module):
         def linear(role: str) -> Linear:
             return Linear(dtype, self.lora_dropout, self.cfg.dequant_slices, name=names[role])
 
+        def operand(value: jax.Array) -> jax.Array:
+            return checkpoint_name(value, MATMUL_OPERANDS) if self.operands_kept else value
+
         if not self.cfg.gated_mlp:
-            up = checkpoint_name(linear("up")(x), MATMUL_OPERANDS)
-            return carry, linear("down")(checkpoint_name(act(up), MATMUL_OPERANDS))
+            up = operand(linear("up")(x))
+            return carry, linear("down")(operand(act(up)))
         if self.cfg.fused_gate_up:
             gate, up = jnp.split(linear("gate_up")(x), 2, axis=-1)
         else:
             gate, up = linear("gate")(x), linear("up")(x)
-        gate, up = checkpoint_name(gate, MATMUL_OPERANDS), checkpoint_name(up, MATMUL_OPERANDS)
-        product = checkpoint_name(act(gate) * up, MATMUL_OPERANDS)
-        return carry, linear("down")(product)
+        gate, up = operand(gate), operand(up)
+        return carry, linear("down")(operand(act(gate) * up))
 
 
 def _tiles(x_BxTxD: jax.Array, tile: int) -> jax.Array:
@@ -419,7 +425,8 @@ class DecoderLayer(nn.Module):
                 split_rngs={"dropout": True},
                 length=-(-x.shape[1] // tile),
             )
-            _, y = tiled_mlp(cfg, self.lora_dropout, name="mlp")(None, _tiles(normed, tile))
+            mlp = tiled_mlp(cfg, self.lora_dropout, operands_kept=False, name="mlp")
+            _, y = mlp(None, _tiles(normed, tile))
             y = _untile(y, x.shape[1])
         if cfg.sandwich_norms:
             y = norm(cfg, "post_feedforward_layernorm")(y)
