@@ -22,10 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "auto"
     c.model.seq_tile = 8192  # MLP over tiles of this many tokens when longer (long context); 0 = never
     c.model.dequant_slices = 1  # > 1: each NF4 weight dequantized in this many slices (less memory)
-    # embedding and output head tables kept in pinned host memory, copied to the device where a
-    # step uses them: 0.5-2 GiB less device memory for 4-15% of the speed (README: Memory); the
-    # setting under Unsloth's memory on every measured row. False: on the device, faster
+    # the token embedding table kept in pinned host memory and looked up there (each batch brings
+    # its rows): its size less device memory (Llama 3: 1 GiB); README: Memory and long context
     c.model.offload_embeddings = True
+    # the output head too, copied to the device for the loss: its size less device memory again
+    # for 4-15% of the speed (README: Memory and long context); a tied table counts as the head
+    c.model.offload_head = False
 
     c.lora = ml_collections.ConfigDict()
     c.lora.r = 16  # adapter rank

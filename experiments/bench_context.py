@@ -55,6 +55,7 @@ def main() -> None:
             if framework == "qlora_jax":  # its settings, also on rows whose run failed
                 row |= {"remat": a.remat, "seq_tile": a.seq_tile, "offload_state": bool(a.offload)}
                 row |= {"dequant_slices": a.dequant_slices, "offload_embeddings": bool(a.offload_embeddings)}
+                row |= {"offload_head": bool(a.offload_head)}
             row |= {k: v for k, v in result.items() if k not in row}
             if error is not None:
                 row["oom"] = any(m in error for m in OOM_MARKERS)

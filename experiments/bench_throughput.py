@@ -44,6 +44,7 @@ def run_jax(
     warmup: int = 3,
     dequant_slices: int = 1,
     offload_embeddings: bool = False,
+    offload_head: bool = False,
 ) -> dict:
     import jax
 
@@ -51,6 +52,7 @@ def run_jax(
     from qlora_jax import sharding
     from qlora_jax.models import llama
     from qlora_jax.train import step as step_lib
+    from qlora_jax.train.embedding_lookup import HostEmbeddingLookup
     from qlora_jax.train.optim import OptimConfig, make_optimizer
 
     model, frozen = llama.random_init(
@@ -61,6 +63,7 @@ def run_jax(
         seq_tile=seq_tile,
         dequant_slices=dequant_slices,
         offload_embeddings=offload_embeddings,
+        offload_head=offload_head,
     )
     lora_cfg = lora_lib.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear")
     tree = lora_lib.init_lora(jax.random.key(0), frozen, model.config, lora_cfg)
@@ -73,9 +76,9 @@ def run_jax(
         model, lora_cfg, optim_cfg, optimizer, shardings if offload else None, chunk_size=loss_chunk
     )
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
-    data = jax.device_put(
-        {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
-    )
+    # the batch as the training loop feeds it: with the table in host memory, its rows looked up there
+    batch_on_host = {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}
+    data = jax.device_put(HostEmbeddingLookup(frozen)(batch_on_host))
     step, metrics, plan = time_train_step(train_step, tree, state, frozen, data, steps, warmup)
     if metrics is None:  # compile only
         return {"first_compile_peak_gib": plan["peak_after_compile_gib"]}
@@ -93,6 +96,7 @@ def run_jax(
         "seq_tile": seq_tile,
         "dequant_slices": dequant_slices,
         "offload_embeddings": offload_embeddings,
+        "offload_head": offload_head,
         "peak_after_init_gib": peak_after_init,
         **plan,
         "versions": {"jax": jax.__version__, "qlora_jax": __import__("qlora_jax").__version__},
@@ -104,7 +108,7 @@ def framework_command(framework: str, name: str, batch: int, seq: int, a: argpar
     here = os.path.dirname(os.path.abspath(__file__))
     if framework == "qlora_jax":
         flags = ("r", "steps", "warmup", "remat", "offload", "loss_chunk", "quantization", "seq_tile")
-        flags += ("dequant_slices", "offload_embeddings")
+        flags += ("dequant_slices", "offload_embeddings", "offload_head")
         return [__file__, "--child", f"{name}:{batch}x{seq}", *(f"--{k}={getattr(a, k)}" for k in flags)]
     script = {"torch": "bench_torch.py", "unsloth": "bench_unsloth.py"}[framework]
     cmd = [os.path.join(here, script), f"--preset={name}", f"--batch={batch}", f"--seq={seq}", f"--r={a.r}"]
@@ -150,7 +154,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="nf4", help="qlora_jax: nf4 | none (dense bf16: a ceiling)")
     p.add_argument("--seq_tile", type=int, default=0, help="qlora_jax: MLP sequence tile (0: whole)")
     p.add_argument("--dequant_slices", type=int, default=1, help="qlora_jax: NF4 dequant slices")
-    p.add_argument("--offload_embeddings", type=int, default=0, help="qlora_jax: 1: tables in host memory")
+    p.add_argument(
+        "--offload_embeddings",
+        type=int,
+        default=0,
+        help="qlora_jax: 1: token table on the host",
+    )
+    p.add_argument("--offload_head", type=int, default=0, help="qlora_jax: 1: output head in host memory")
     p.add_argument("--model_dir", default=".bench_models", help="where random PyTorch-side models are saved")
     p.add_argument("--call", default="", help="call id shared by the rows (default: now)")
     p.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
@@ -180,6 +190,7 @@ def main() -> None:
             a.warmup,
             a.dequant_slices,
             bool(a.offload_embeddings),
+            bool(a.offload_head),
         )
         child_runs.report(result)
         return

@@ -47,15 +47,20 @@ STEPS, EVERY, STOP_AFTER = 20, 5, 8
 LOSS_TOLERANCE = 1e-3
 NOISE_FACTOR = 3.0
 TWO_GPUS = {"CUDA_VISIBLE_DEVICES": "0,1"}  # also on a larger machine: a 2-device mesh sees exactly 2
+# The model's token table is tied (it is the head too), so it is in host memory only with
+# model.offload_head: there each batch's rows are looked up on the host and the table is copied in
+# for the loss. The data=2 layout keeps every table on the device.
+TABLES_ON_HOST = ["--config.model.offload_embeddings=True", "--config.model.offload_head=True"]
 LAYOUTS = {
-    "1 GPU": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1"]),
-    # the embedding and head tables on the device on one layout (model.offload_embeddings=False;
-    # host memory, the default, on the others)
+    "1 GPU, tables on host": ({"CUDA_VISIBLE_DEVICES": "0"}, ["--config.mesh.data=1", *TABLES_ON_HOST]),
     "2 GPUs, mesh.data=2, tables on device": (
         TWO_GPUS,
         ["--config.mesh.data=2", "--config.model.offload_embeddings=False"],
     ),
-    "2 GPUs, mesh.fsdp=2": (TWO_GPUS, ["--config.mesh.data=1", "--config.mesh.fsdp=2"]),
+    "2 GPUs, mesh.fsdp=2, tables on host": (
+        TWO_GPUS,
+        ["--config.mesh.data=1", "--config.mesh.fsdp=2", *TABLES_ON_HOST],
+    ),
 }
 
 

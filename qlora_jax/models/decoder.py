@@ -441,15 +441,25 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens_BxT, positions_BxT, ctx_mask, cache_kv, write_index, sliding_mask=None, packed=None
+        self,
+        tokens_BxT,
+        positions_BxT,
+        ctx_mask,
+        cache_kv,
+        write_index,
+        sliding_mask=None,
+        packed=None,
+        embeddings_BxTxD=None,
     ):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        # the whole table on each device under fsdp, as the weights are (each device looks up its
-        # own rows' tokens), not the global batch's embeddings summed over the vocabulary's shards
-        embed_VxD = laid_out(self.get_variable("frozen", "embed_tokens")["weight"])
-        x = jnp.take(embed_VxD, tokens_BxT, axis=0)
+        if embeddings_BxTxD is not None:  # the tokens' rows, looked up by the caller
+            x = embeddings_BxTxD
+        else:
+            # the whole table on each device under fsdp, as the weights are (each device looks up
+            # its own rows' tokens), not the global batch's embeddings summed over the vocabulary's shards
+            x = jnp.take(laid_out(self.get_variable("frozen", "embed_tokens")["weight"]), tokens_BxT, axis=0)
         if cfg.scale_embeddings:  # Gemma: sqrt(hidden) as float32, rounded to the table's dtype (as HF)
-            x = x * jnp.asarray(np.float32(cfg.hidden_size**0.5)).astype(embed_VxD.dtype)
+            x = x * jnp.asarray(np.float32(cfg.hidden_size**0.5)).astype(x.dtype)
         x = x.astype(dtype)
         if cfg.position_embedding == "learned":  # GPT-2: a table row per position, no RoPE
             table_PxD = laid_out(self.get_variable("frozen", "embed_positions")["weight"])
@@ -532,6 +542,7 @@ class Llama:
         rng: jax.Array | None = None,
         lora_dropout: float = 0.0,
         return_hidden: bool = False,
+        embeddings: jax.Array | None = None,
     ):
         """Logits (B, T, vocab) in float32; with `cache`, returns (logits, updated cache).
 
@@ -540,7 +551,9 @@ class Llama:
         too (the data pipeline's, data/packing.py) they run on cuDNN's packed flash attention
         where the GPU path allows, instead of a (T, T) mask. `rng` turns on
         adapter dropout at rate `lora_dropout` (peft's lora_dropout). return_hidden gives the
-        final normalized hidden states instead of logits (for a chunked loss).
+        final normalized hidden states instead of logits (for a chunked loss). `embeddings`
+        (B, T, D): the tokens' rows of the embedding table, looked up by the caller (the training
+        loop does so on the host when the table is in host memory); None: looked up here.
         """
         cfg = self.config
         tokens_BxT = jnp.asarray(tokens_BxT)
@@ -584,6 +597,7 @@ class Llama:
             write_index,
             sliding_mask,
             packed,
+            embeddings,
             rngs=None if rng is None else {"dropout": rng},
         )
         out = hidden if return_hidden else self.logits(frozen, hidden)

@@ -354,11 +354,18 @@ def random_init(
 TABLES = ("embed_tokens", "embed_positions", "lm_head")  # (rows, hidden) lookup and output tables
 
 
-def tables_in_host_memory(shardings: dict[str, Any]) -> dict[str, Any]:
-    """A frozen tree's shardings with its embedding and head tables' moved to pinned host memory,
-    each device's share where it was. A step copies a table to the device where it uses it
-    (`linear.laid_out`) and frees it after: the lookup at the start, the head at the loss (after
-    the layers, `Llama.head`), whose gradient is formed in the forward pass, so no table is on the
-    device during the backward pass (for Llama 3's 128k vocabulary, 2 GiB of bf16)."""
+def tables_in_host_memory(
+    shardings: dict[str, Any], embeddings: bool = True, head: bool = True
+) -> dict[str, Any]:
+    """A frozen tree's shardings with its lookup tables (`embeddings`) and output head (`head`)
+    moved to pinned host memory, each device's share where it was. A token table in host memory
+    is looked up on the host (train/embedding_lookup.py: a batch carries its rows), a position
+    table is copied in for its lookup; the head is copied in at the loss (after the layers,
+    `Llama.head`), whose gradient is formed in the forward pass, so no table is on the device
+    during the backward pass. A tied table (no lm_head) serves as the head, so it moves with `head`."""
+    tied = "lm_head" not in shardings
+    wanted = {"embed_tokens": head if tied else embeddings, "embed_positions": embeddings, "lm_head": head}
     to_host = lambda s: s.with_memory_kind("pinned_host")  # noqa: E731
-    return {name: jax.tree.map(to_host, part) if name in TABLES else part for name, part in shardings.items()}
+    return {
+        name: jax.tree.map(to_host, part) if wanted.get(name) else part for name, part in shardings.items()
+    }

@@ -30,10 +30,12 @@ def from_pretrained(
     dtype: Any = "bfloat16",
     mesh: jax.sharding.Mesh | None = None,
     offload_embeddings: bool = False,
+    offload_head: bool = False,
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
     """(model, frozen tree on the default device, or split over `mesh`) from a HF directory or a
-    GGUF file; the embedding and head tables in pinned host memory with `offload_embeddings`.
+    GGUF file; the embedding tables in pinned host memory with `offload_embeddings`, the output
+    head with `offload_head` (frozen.tables_in_host_memory).
 
     `dtype` is both the compute dtype and the storage dtype of dense weights (embeddings,
     unquantized linears); linears are quantized as they are read. With a mesh each leaf goes
@@ -43,15 +45,17 @@ def from_pretrained(
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg, frozen = hf.load(path, quant, dtype, dtype=dtype, **runtime)
-    placement = _placement(mesh, offload_embeddings)
+    placement = _placement(mesh, offload_embeddings, offload_head)
     return Llama(cfg), _device_put_consuming(frozen, None if placement is None else placement(frozen))
 
 
-def _placement(mesh: jax.sharding.Mesh | None, offload_embeddings: bool) -> Callable[[Any], Any] | None:
+def _placement(
+    mesh: jax.sharding.Mesh | None, offload_embeddings: bool, offload_head: bool
+) -> Callable[[Any], Any] | None:
     """Where each leaf of a frozen tree goes as it is built (None: the default device): its shards
-    on `mesh` or the default device, the embedding and head tables in pinned host memory with
-    `offload_embeddings` (never on the device whole, so they add nothing to the load's peak)."""
-    if mesh is None and not offload_embeddings:
+    on `mesh` or the default device, the tables chosen by `offload_embeddings` and `offload_head`
+    in pinned host memory (never on the device whole, so they add nothing to the load's peak)."""
+    if mesh is None and not (offload_embeddings or offload_head):
         return None
 
     def shardings(frozen: Any) -> Any:
@@ -59,7 +63,7 @@ def _placement(mesh: jax.sharding.Mesh | None, offload_embeddings: bool) -> Call
             placed = sharding.default_shardings(frozen)
         else:
             placed = sharding.frozen_shardings(mesh, frozen)
-        return frozen_lib.tables_in_host_memory(placed) if offload_embeddings else placed
+        return frozen_lib.tables_in_host_memory(placed, offload_embeddings, offload_head)
 
     return shardings
 
@@ -84,14 +88,15 @@ def random_init(
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     offload_embeddings: bool = False,
+    offload_head: bool = False,
     **runtime: Any,
 ) -> tuple[Llama, dict[str, Any]]:
     """(model, frozen tree) of a named shape with random weights, built and quantized on device
-    (with a mesh: on every device at once, each keeping only its share); the embedding and head
-    tables in pinned host memory with `offload_embeddings`."""
+    (with a mesh: on every device at once, each keeping only its share); tables in pinned host
+    memory as from_pretrained places them."""
     quant = quantization if isinstance(quantization, Quantization) else Quantization(quantization)
     dtype = jnp.dtype(dtype).name
     cfg = named_preset(preset) if isinstance(preset, str) else preset
     cfg = cfg.replace(dtype=dtype, **runtime)
-    shardings = _placement(mesh, offload_embeddings)
+    shardings = _placement(mesh, offload_embeddings, offload_head)
     return Llama(cfg), frozen_lib.random_init(cfg, jax.random.key(seed), quant, dtype, shardings=shardings)

@@ -48,8 +48,8 @@ def open_model(run: RunConfig) -> tuple[str, LlamaConfig, Any]:
 def load_weights(m: ModelSettings, path: str, seed: int, mesh: Any = None) -> tuple[Llama, Any]:
     """(model, frozen): random weights for a preset name, else streamed and quantized from the file;
     with a mesh each device gets only its share (never the whole base); the embedding and head
-    tables in host memory with model.offload_embeddings."""
-    placed = {"mesh": mesh, "offload_embeddings": m.offload_embeddings}
+    tables in host memory with model.offload_embeddings and model.offload_head."""
+    placed = {"mesh": mesh, "offload_embeddings": m.offload_embeddings, "offload_head": m.offload_head}
     if path in PRESETS:
         return llama.random_init(path, m.quantization, m.dtype, seed=seed, **placed, **runtime(m))
     return llama.from_pretrained(path, m.quantization, m.dtype, **placed, **runtime(m))

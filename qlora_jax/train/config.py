@@ -37,7 +37,8 @@ class ModelSettings:
     remat_policy: str
     seq_tile: int  # tokens per MLP tile (0: whole sequence)
     dequant_slices: int  # NF4 weights dequantized this many slices at a time (1: whole)
-    offload_embeddings: bool  # embedding and head tables in pinned host memory between uses
+    offload_embeddings: bool  # token (and position) tables in pinned host memory, looked up there
+    offload_head: bool  # the output head in pinned host memory, copied in for the loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.seq_tile": _int_at_least(0),
     "model.dequant_slices": _int_at_least(1),
     "model.offload_embeddings": _one_of((True, False)),
+    "model.offload_head": _one_of((True, False)),
     "lora.r": _int_at_least(1),
     "lora.alpha": _number(0, _INF, low_open=True),
     "lora.dropout": _number(0, 1),

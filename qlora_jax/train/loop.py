@@ -23,6 +23,7 @@ from qlora_jax.models.decoder import Llama
 from qlora_jax.train import build, plots
 from qlora_jax.train import step as step_lib
 from qlora_jax.train.config import RunConfig
+from qlora_jax.train.embedding_lookup import HostEmbeddingLookup
 from qlora_jax.train.hooks import Checkpointer, Evaluator, MetricLogger, StopSignal, report_memory
 from qlora_jax.train.metrics import MetricsWriter, tensorboard_available
 from qlora_jax.train.optim import learning_rate, make_optimizer
@@ -39,6 +40,7 @@ class Run:
     frozen: Any
     mesh: Any
     batches: BatchIterator
+    lookup: HostEmbeddingLookup  # each training batch's embedding rows, when the table is on the host
     evaluator: Evaluator
     checkpointer: Checkpointer
     step: step_lib.StateStep
@@ -94,7 +96,18 @@ def build_run(run: RunConfig) -> Run:
         os.path.join(run.output_dir, "checkpoints"), run.checkpoint, run.resume, base_path, fingerprint
     )
     return Run(
-        run, model, frozen, mesh, batches, evaluator, checkpointer, step, state, base_path, fingerprint
+        run,
+        model,
+        frozen,
+        mesh,
+        batches,
+        HostEmbeddingLookup(frozen),
+        evaluator,
+        checkpointer,
+        step,
+        state,
+        base_path,
+        fingerprint,
     )
 
 
@@ -170,7 +183,8 @@ def train_and_evaluate(run: RunConfig) -> dict[str, Any]:
 
 
 def shard(r: Run, batch: dict[str, np.ndarray]) -> dict:
-    return sharding.shard_batch(r.mesh, batch, r.cfg.optim.accumulation_steps > 1)
+    """A training batch (its embedding rows added where the table is on the host) on the mesh."""
+    return sharding.shard_batch(r.mesh, r.lookup(batch), r.cfg.optim.accumulation_steps > 1)
 
 
 def first_compile(r: Run) -> Any:

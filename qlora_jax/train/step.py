@@ -4,7 +4,8 @@ step (make_state_step) applies it to the whole TrainState; make_train_step expos
 
 A batch is a dict of (B, T) arrays: "inputs" (token ids), "targets" (next token ids), "loss_mask"
 (1 where the target counts), optional "segment_ids", "positions" and "segment_starts" (B, M + 1)
-for packed rows. With
+for packed rows, and "embeddings" (B, T, D), the inputs' rows of an embedding table kept in host
+memory (train/embedding_lookup.py). With
 accumulation_steps k > 1 every array has a leading micro-batch axis (k, B, T); the loss is the
 token-weighted mean over all micro-batches, as one large batch would give.
 """
@@ -50,6 +51,7 @@ def loss_sum(
         segment_ids=batch.get("segment_ids"),
         segment_starts=batch.get("segment_starts"),
         positions=batch.get("positions"),
+        embeddings=batch.get("embeddings"),
         rng=rng,
         lora_dropout=lora_cfg.dropout,
         return_hidden=True,

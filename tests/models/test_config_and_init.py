@@ -250,9 +250,10 @@ def test_base_fingerprint_is_the_same_in_a_second_process(tiny_model, tmp_path):
 
 
 def test_offloaded_tables_are_placed_in_host_memory_as_built_with_the_same_values(tiny_model):
-    """offload_embeddings puts the embedding and head tables in pinned host memory as they are
-    built or loaded (so they never add to the device's load peak) and changes nothing else: the
-    built or loaded base's fingerprint is the same, so a run may resume with the option flipped.
+    """offload_embeddings and offload_head put the embedding and head tables in pinned host memory
+    as they are built or loaded (so they never add to the device's load peak) and change nothing
+    else: the built or loaded base's fingerprint is the same, so a run may resume with the options
+    flipped.
     (The GPU compiler also refuses a jitted output in host memory computed on the device, which
     the CPU accepts: random_init builds the tables on the device and moves them; the bench's
     host-table rows run that path on the GPU.)"""
@@ -260,12 +261,35 @@ def test_offloaded_tables_are_placed_in_host_memory_as_built_with_the_same_value
     from qlora_jax.models.frozen import TABLES
 
     cfg = small_config(num_layers=2, tie_word_embeddings=False)
-    built = llama.random_init(cfg, offload_embeddings=True)[1]
+    both = {"offload_embeddings": True, "offload_head": True}
+    built = llama.random_init(cfg, **both)[1]
     assert base_fingerprint(cfg, built) == base_fingerprint(cfg, llama.random_init(cfg)[1])
-    model, loaded = llama.from_pretrained(tiny_model, "nf4", offload_embeddings=True)
+    model, loaded = llama.from_pretrained(tiny_model, "nf4", **both)
     for name, host in {"random_init": built, "from_pretrained": loaded}.items():
         kinds = {part: {x.sharding.memory_kind for x in jax.tree.leaves(host[part])} for part in host}
         assert {kinds[t] == {"pinned_host"} for t in TABLES if t in kinds} == {True}, (name, kinds)
         assert kinds["layers"] == {"device"}, name
     on_device = llama.from_pretrained(tiny_model, "nf4")[1]
     assert base_fingerprint(model.config, loaded) == base_fingerprint(model.config, on_device)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_each_table_goes_to_host_memory_with_its_own_option(tied):
+    """offload_embeddings moves the lookup tables (tokens; GPT-2's positions), offload_head the
+    output head; a tied token table is the head too, so it moves with offload_head alone (the loss
+    reads it whole every step)."""
+    from qlora_jax.models.frozen import tables_in_host_memory
+
+    cfg = family_config("gpt2", num_layers=1, tie_word_embeddings=tied)
+    shardings = jax.tree.map(lambda x: x.sharding, llama.random_init(cfg)[1])
+    for embeddings in (False, True):
+        for head in (False, True):
+            placed = tables_in_host_memory(shardings, embeddings, head)
+            on_host = {
+                part
+                for part in placed
+                if {s.memory_kind for s in jax.tree.leaves(placed[part])} == {"pinned_host"}
+            }
+            wanted = {"embed_tokens": head if tied else embeddings, "embed_positions": embeddings}
+            wanted |= {} if tied else {"lm_head": head}
+            assert on_host == {part for part, moves in wanted.items() if moves}, (embeddings, head)

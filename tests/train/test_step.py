@@ -18,6 +18,7 @@ from qlora_jax import sharding
 from qlora_jax.models import decoder, linear, llama
 from qlora_jax.models import frozen as frozen_lib
 from qlora_jax.train import step as step_lib
+from qlora_jax.train.embedding_lookup import HostEmbeddingLookup
 from qlora_jax.train.optim import OptimConfig, make_optimizer
 from tests.models.hf_reference import small_config
 
@@ -123,6 +124,37 @@ def test_tables_in_host_memory_train_as_on_the_device():
     np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+
+
+def test_embedding_rows_looked_up_on_the_host_train_as_the_table_on_the_device():
+    """model.offload_embeddings alone: the token table stays in host memory (the head on the
+    device) and each batch brings its tokens' rows (HostEmbeddingLookup), so the step never reads
+    the table. The rows are the table's own values, so loss and gradients equal the on-device
+    lookup's (rtol 1e-6: only the fusion around the lookup differs)."""
+    model, frozen, tree = _setup(remat_policy="full")
+    shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    host = jax.device_put(frozen, frozen_lib.tables_in_host_memory(shardings, embeddings=True, head=False))
+    assert host["lm_head"]["weight"].sharding.memory_kind != "pinned_host"
+    assert HostEmbeddingLookup(frozen).table is None  # table on the device: batches pass unchanged
+    batch = _batch(np.random.default_rng(0), (4, 16))
+    with_rows = HostEmbeddingLookup(host)(batch)
+    table = np.asarray(frozen["embed_tokens"]["weight"])
+    np.testing.assert_array_equal(with_rows["embeddings"], table[batch["inputs"]])
+    loss1, _, g1 = _loss_and_grads(model, tree, frozen, batch)
+    loss2, _, g2 = _loss_and_grads(model, tree, host, with_rows)
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+    table_index = next(i for i, x in enumerate(jax.tree.leaves(host)) if x is host["embed_tokens"]["weight"])
+
+    def reads_table(batch) -> bool:
+        closed = jax.make_jaxpr(
+            lambda lora, frozen: step_lib.loss_sum(model, LORA, lora, frozen, batch, None)
+        )(tree, host)
+        table = closed.jaxpr.invars[len(jax.tree.leaves(tree)) + table_index]
+        return any(table in e.invars for e in closed.jaxpr.eqns)
+
+    assert not reads_table(with_rows) and reads_table(batch)
 
 
 def test_the_head_is_copied_in_only_after_the_hidden_states():
