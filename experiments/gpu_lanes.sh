@@ -3,7 +3,9 @@
 # process session so they outlive the device tool's 10-minute commands. `start` launches the lanes
 # and returns; `wait` sleeps while any lane runs (keeping the machine warm), then gathers what the
 # lanes wrote so far into OUT: throughput.jsonl and context.jsonl (all lanes' rows), each lane's
-# other JSON results under OUT/laneGPU/, and lanes.log.
+# other JSON results bundled in OUT/laneGPU.json ({file name: its JSON, a .jsonl as a list of
+# rows}: the device tool returns at most 8 files, and a buffer dump was lost to that limit on
+# 2026-11-28), and lanes.log.
 # Each lane's command sees CUDA_VISIBLE_DEVICES=GPU and LANE_OUT, its own results folder, and runs
 # in a copy of the repository taken at `start`, first on PYTHONPATH: the device tool re-copies the
 # working tree at each command, and a lane process started during that copy found its script
@@ -43,11 +45,24 @@ case ${1:-} in
       ((${#rows[@]})) && cat "${rows[@]}" >"$out/$kind.jsonl"
     done
     for lane in "$work"/lane*/; do  # the lanes' other results (JSON: smoke, traces, parity checks)
-      files=()
-      for f in "$lane"*.json "$lane"*.jsonl; do
-        case $(basename "$f") in throughput.jsonl | context.jsonl) ;; *) files+=("$f") ;; esac
-      done
-      ((${#files[@]})) && mkdir -p "$out/$(basename "$lane")" && cp "${files[@]}" "$out/$(basename "$lane")/"
+      python3 - "$lane" "$out/$(basename "$lane").json" <<'BUNDLE'
+import glob, json, os, sys
+lane, target = sys.argv[1:]
+bundle = {}
+for path in sorted(glob.glob(os.path.join(lane, "*.json")) + glob.glob(os.path.join(lane, "*.jsonl"))):
+    name = os.path.basename(path)
+    if name in ("throughput.jsonl", "context.jsonl"):
+        continue
+    with open(path) as f:
+        text = f.read()
+    try:
+        bundle[name] = [json.loads(l) for l in text.splitlines() if l.strip()] if name.endswith(".jsonl") else json.loads(text)
+    except ValueError:
+        bundle[name] = text  # a file cut short by a lane still writing: kept as text
+if bundle:
+    with open(target, "w") as f:
+        json.dump(bundle, f)
+BUNDLE
     done
     for log in "$work"/lane*.log; do echo "=== $log"; tail -c 100000 "$log"; done >"$out/lanes.log"
     for log in "$work"/lane*.log; do echo "=== $log"; tail -n 6 "$log"; done

@@ -272,7 +272,7 @@ def report_memory(compiled: Any) -> dict[str, int | None] | None:
         print(
             "warning: the step needs more memory than the device has and will run out of memory: lower "
             "train.batch_size or data.max_seq_len, set model.remat_policy=auto (or offload / "
-            "offload_attention), a smaller model.seq_tile or train.loss_chunk, optim.offload_state=True, "
-            "or split the model with mesh.fsdp (README, Troubleshooting)"
+            "offload_attention), model.offload_head=True, a smaller model.seq_tile or train.loss_chunk, "
+            "optim.offload_state=True, or split the model with mesh.fsdp (README, Troubleshooting)"
         )
     return estimate.as_dict()
