@@ -51,7 +51,8 @@ def test_two_processes_on_a_data_fsdp_tensor_mesh_train_like_one_device(
 ):
     """Two CLI processes of 4 CPU devices each, joined by jax.distributed (gloo collectives) into
     one 2 x 2 x 2 data x fsdp x tensor mesh: the losses of a one-device run, one set of run files,
-    collective checkpoints."""
+    collective checkpoints. The tied token table in host memory (model.offload_head; the one-device
+    run keeps it on the device): each process gathers it whole and looks its batches' rows up."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -64,6 +65,7 @@ def test_two_processes_on_a_data_fsdp_tensor_mesh_train_like_one_device(
             "--config.mesh.fsdp=2",
             "--config.mesh.tensor=2",
             "--config.checkpoint.every=2",
+            "--config.model.offload_head=True",
             f"--config.distributed.coordinator=localhost:{port}",
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={i}",
