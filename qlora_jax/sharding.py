@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -217,8 +217,16 @@ def single_device_layout(batch: dict[str, Any], mesh: Mesh | None) -> dict[str, 
     return {key: value for key, value in batch.items() if key != "segment_starts"}
 
 
-def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray], leading_micro_axis: bool = False) -> dict:
-    """The global host batch as arrays on the mesh; each process contributes only its own rows."""
+def shard_batch(
+    mesh: Mesh,
+    batch: dict[str, np.ndarray],
+    leading_micro_axis: bool = False,
+    complete: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> dict:
+    """The global host batch as arrays on the mesh; each process contributes only its own rows,
+    passed through `complete` first (what it adds, e.g. embedding rows, is formed for those rows
+    alone)."""
+    complete = complete or (lambda rows: rows)
     batch = single_device_layout(batch, mesh)
     sharding = batch_sharding(mesh, leading_micro_axis)
     rows_axis = 1 if leading_micro_axis else 0
@@ -230,11 +238,17 @@ def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray], leading_micro_axis: bo
             f"use a multiple of {split}"
         )
     if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
+        return jax.device_put(complete(batch), sharding)
     per_process = n_rows // jax.process_count()
     rows = np.arange(per_process) + jax.process_index() * per_process
-    local = {k: np.take(v, rows, axis=rows_axis) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, v, batch[k].shape) for k, v in local.items()}
+    local = complete({k: np.take(v, rows, axis=rows_axis) for k, v in batch.items()})
+
+    def global_shape(local_part: np.ndarray) -> tuple[int, ...]:
+        shape = list(local_part.shape)
+        shape[rows_axis] = n_rows
+        return tuple(shape)
+
+    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape(v)) for k, v in local.items()}
 
 
 def place(tree: Any, shardings: Any) -> Any:

@@ -183,8 +183,9 @@ def train_and_evaluate(run: RunConfig) -> dict[str, Any]:
 
 
 def shard(r: Run, batch: dict[str, np.ndarray]) -> dict:
-    """A training batch (its embedding rows added where the table is on the host) on the mesh."""
-    return sharding.shard_batch(r.mesh, r.lookup(batch), r.cfg.optim.accumulation_steps > 1)
+    """A training batch on the mesh, with its embedding rows where the table is on the host (each
+    process looks up only its own rows)."""
+    return sharding.shard_batch(r.mesh, batch, r.cfg.optim.accumulation_steps > 1, complete=r.lookup)
 
 
 def first_compile(r: Run) -> Any:
