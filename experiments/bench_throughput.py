@@ -154,12 +154,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="nf4", help="qlora_jax: nf4 | none (dense bf16: a ceiling)")
     p.add_argument("--seq_tile", type=int, default=0, help="qlora_jax: MLP sequence tile (0: whole)")
     p.add_argument("--dequant_slices", type=int, default=1, help="qlora_jax: NF4 dequant slices")
-    p.add_argument(
-        "--offload_embeddings",
-        type=int,
-        default=0,
-        help="qlora_jax: 1: token table on the host",
-    )
+    p.add_argument("--offload_embeddings", type=int, default=0, help="qlora_jax: 1: token table on the host")
     p.add_argument("--offload_head", type=int, default=0, help="qlora_jax: 1: output head in host memory")
     p.add_argument("--model_dir", default=".bench_models", help="where random PyTorch-side models are saved")
     p.add_argument("--call", default="", help="call id shared by the rows (default: now)")

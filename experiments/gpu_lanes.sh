@@ -56,7 +56,10 @@ for path in sorted(glob.glob(os.path.join(lane, "*.json")) + glob.glob(os.path.j
     with open(path) as f:
         text = f.read()
     try:
-        bundle[name] = [json.loads(l) for l in text.splitlines() if l.strip()] if name.endswith(".jsonl") else json.loads(text)
+        if name.endswith(".jsonl"):
+            bundle[name] = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            bundle[name] = json.loads(text)
     except ValueError:
         bundle[name] = text  # a file cut short by a lane still writing: kept as text
 if bundle:
