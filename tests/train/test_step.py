@@ -130,7 +130,8 @@ def test_embedding_rows_looked_up_on_the_host_train_as_the_table_on_the_device()
     """model.offload_embeddings alone: the token table stays in host memory (the head on the
     device) and each batch brings its tokens' rows (HostEmbeddingLookup), so the step never reads
     the table. The rows are the table's own values, so loss and gradients equal the on-device
-    lookup's (rtol 1e-6: only the fusion around the lookup differs)."""
+    lookup's (rtol 1e-6: only the fusion around the lookup differs), also over accumulated
+    micro-batches, whose rows carry the leading micro-batch axis as every batch array does."""
     model, frozen, tree = _setup(remat_policy="full")
     shardings = jax.tree.map(lambda x: x.sharding, frozen)
     host = jax.device_put(frozen, frozen_lib.tables_in_host_memory(shardings, embeddings=True, head=False))
@@ -145,6 +146,11 @@ def test_embedding_rows_looked_up_on_the_host_train_as_the_table_on_the_device()
     np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+    micro = HostEmbeddingLookup(host)(jax.tree.map(lambda x: x.reshape(2, 2, 16), batch))
+    loss3, _, g3 = _loss_and_grads(model, tree, host, micro, accumulation_steps=2)
+    np.testing.assert_allclose(loss3, loss1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g3), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)  # as the accumulation test: sums reordered
     table_index = next(i for i, x in enumerate(jax.tree.leaves(host)) if x is host["embed_tokens"]["weight"])
 
     def reads_table(batch) -> bool:
