@@ -18,6 +18,17 @@ from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.train import step as step_lib
 
+# the small random model of the GPU parity checks (remat_parity.py changes its depth and dtype)
+SMALL_MODEL = LlamaConfig(
+    vocab_size=1024,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    dtype="bfloat16",
+)
+
 
 def random_model_and_batch(cfg: LlamaConfig, rows: int) -> tuple:
     """(frozen, lora_cfg, adapters, batch): a random NF4 model of `cfg` in its dtype, LoRA r=8 on
@@ -33,15 +44,7 @@ def random_model_and_batch(cfg: LlamaConfig, rows: int) -> tuple:
 
 
 def main() -> None:
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=2,
-        dtype="bfloat16",
-    )
+    cfg = SMALL_MODEL
     frozen, lora_cfg, tree, batch = random_model_and_batch(cfg, rows=4)
     ids = batch["inputs"]
     out = {}

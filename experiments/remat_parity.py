@@ -20,7 +20,7 @@ import os
 
 import jax
 import numpy as np
-from attention_parity import random_model_and_batch
+from attention_parity import SMALL_MODEL, random_model_and_batch
 
 from qlora_jax.models import llama
 from qlora_jax.models.config import LlamaConfig
@@ -39,16 +39,7 @@ def gradients(cfg: LlamaConfig, frozen, tree, lora_cfg, batch) -> tuple[float, l
 
 
 def main() -> None:
-    cfg = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_layers=6,
-        num_heads=8,
-        num_kv_heads=2,
-        dtype="float32",
-        attention_impl="xla",
-    )
+    cfg = SMALL_MODEL.replace(num_layers=6, dtype="float32", attention_impl="xla")
     frozen, lora_cfg, tree, batch = random_model_and_batch(cfg, rows=2)
     ref_loss, ref = gradients(cfg.replace(remat_policy="none"), frozen, tree, lora_cfg, batch)
     largest = max(float(np.abs(g).max()) for g in ref)
