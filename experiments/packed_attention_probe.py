@@ -2,8 +2,10 @@
 explicit segment mask (the model's path for packed rows before d483ebe, and still on meshes of
 several devices; issue 18: the training CLI packs GSM8K, so its attention ran on XLA at ~5,500
 tok/s where the bench's unpacked rows ran cuDNN at ~8,100). Checks the output and the q/k/v
-gradients on real tokens against a float32 reference, and times forward + backward of each path.
-Writes $OUT/packed_attention_probe.json.
+gradients on real tokens against a float32 reference, and times forward + backward of each path
+with the device memory its compiled program plans for temporaries (the packed kernel's backward
+workspace grows with rows x slots: the model's path, `attention.packed_flash_attention`, calls it
+a group of slots at a time). Writes $OUT/packed_attention_probe.json.
 
 cuDNN's packed layout takes, per row, each segment's start (`q_offsets`, [B, M + 1]) and length
 (`q_seqlen`, [B, M]), -1 past the row's last segment, M a static bound on segments per row; the
@@ -103,6 +105,9 @@ def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[di
         "cudnn_packed_padding_causal": packed,
         "cudnn_packed_causal": lambda q, k, v: packed(q, k, v, mask_type=cudnn.MaskType.CAUSAL),
         "cudnn_packed_bound_T_over_64": lambda q, k, v: packed(q, k, v, bound=length // 64),
+        "model_packed_in_calls_32_slots": lambda q, k, v: attention.packed_flash_attention(
+            q, k, v, attention.packed_layout(jnp.asarray(packing.segment_starts(ids_np, 32))), scale
+        ),
         "cudnn_unpacked_causal": unpacked_causal,
     }
     rows = []
@@ -110,6 +115,8 @@ def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[di
         row = {"shape": name, "B_T_H_KV_D": list(dims), "segments_per_row_max": max_segments, "path": label}
         try:
             fn = forward_backward(attend)
+            memory = fn.lower(q, k, v).compile().memory_analysis()
+            row["temp_mib"] = memory.temp_size_in_bytes / 2**20
             outputs = [np.asarray(t, np.float32) for t in fn(q, k, v)]
             if label != "cudnn_unpacked_causal":  # another mask: no reference
                 for tensor, got, want in zip(("out", "dq", "dk", "dv"), outputs, reference, strict=True):

@@ -4,6 +4,7 @@ of logits)."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -118,17 +119,43 @@ def packed_layout(segment_starts_BxS: jax.Array) -> PackedLayout:
     return PackedLayout(jnp.concatenate([offsets, unused_slot], axis=1), jnp.where(used, ends - starts, -1))
 
 
-def packed_flash_attention(
-    q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, layout: PackedLayout, scale=None
-) -> jax.Array:
-    """Causal attention inside each packed sequence, on cuDNN's flash kernel (grouped-query heads
-    as is). Padding tokens, in no sequence, are zero in and out: the kernel leaves their output
-    unwritten, and no gradient reaches them."""
-    length, head_dim = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
-    end = jnp.max(jnp.where(layout.lengths > 0, layout.offsets[:, :-1] + layout.lengths, 0), axis=1)
-    real = (jnp.arange(length)[None, :] < end[:, None])[:, :, None, None]
-    q, k, v = (jnp.where(real, t, 0) for t in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
-    out = cudnn_attention.dot_product_attention(
+# cuDNN's packed backward sizes its float32 workspace as if every (row, slot) pair held a whole
+# row: rows x slots x heads x length x (8 x head_dim + 4) bytes, 2 GiB for Llama-3-8B's heads at
+# 1 x 2048 with 32 slots (XLA's buffer assignment, call issue18-h200-cc80ebc), against 64 MiB for
+# the unpacked row. So the slots go to the kernel a group at a time, one call after another, each
+# call at most this many (row, slot) pairs: a call's workspace is that of 8 unpacked rows or less.
+PACKED_PAIRS_PER_CALL = 8
+
+
+def _slots_per_call(rows: int) -> int:
+    """At least 2: with one slot the kernel takes the offsets as unpacked rows."""
+    return max(2, PACKED_PAIRS_PER_CALL // rows)
+
+
+def _call_layouts(layout: PackedLayout, per_call: int) -> list[PackedLayout]:
+    """The layout split into calls of `per_call` slots each (the last padded with unused slots,
+    so every call has one shape and one cuDNN plan)."""
+    rows, slots = layout.lengths.shape
+    calls = []
+    for start in range(0, slots, per_call):
+        stop = min(start + per_call, slots)
+        unused = jnp.full((rows, start + per_call - stop + 1), -1, layout.lengths.dtype)
+        offsets = jnp.concatenate([layout.offsets[:, start:stop], unused], axis=1)
+        lengths = jnp.concatenate([layout.lengths[:, start:stop], unused[:, 1:]], axis=1)
+        calls.append(PackedLayout(offsets, lengths))
+    return calls
+
+
+def _call_of_token(layout: PackedLayout, length: int, per_call: int) -> jax.Array:
+    """(B, T): the index of the call whose slots hold each token's sequence; -1 for padding."""
+    t = jnp.arange(length)
+    starts = layout.offsets[:, :-1, None]
+    inside = (t >= starts) & (t < starts + layout.lengths[:, :, None])  # (B, M, T)
+    return jnp.where(inside.any(axis=1), jnp.argmax(inside, axis=1) // per_call, -1)
+
+
+def _packed_kernel(q, k, v, layout: PackedLayout, scale: float) -> jax.Array:
+    return cudnn_attention.dot_product_attention(
         q,
         k,
         v,
@@ -136,8 +163,52 @@ def packed_flash_attention(
         kv_seqlen=layout.lengths,
         q_offsets=layout.offsets,
         kv_offsets=layout.offsets,
-        scale=head_dim**-0.5 if scale is None else scale,
+        scale=scale,
         mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
         qkv_layout="BTNH",
     )
-    return jnp.where(real, out, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _packed_in_calls(q, k, v, layout, call_of_token, per_call: int, scale: float) -> jax.Array:
+    return _packed_in_calls_forward(q, k, v, layout, call_of_token, per_call, scale)[0]
+
+
+def _packed_in_calls_forward(q, k, v, layout, call_of_token, per_call, scale):
+    """Each call's output taken where its sequences are; the barrier runs the calls one after
+    another, so one call's workspace and output are live at a time."""
+    inputs, out = (q, k, v), jnp.zeros_like(q)
+    for index, call in enumerate(_call_layouts(layout, per_call)):
+        mine = (call_of_token == index)[:, :, None, None]
+        out = jnp.where(mine, _packed_kernel(q, k, v, call, scale), out)
+        q, k, v, out = jax.lax.optimization_barrier((q, k, v, out))
+    return out, (*inputs, layout, call_of_token)
+
+
+def _packed_in_calls_backward(per_call, scale, residuals, d_out):
+    """Each call's gradients taken at its own tokens (the kernel leaves the others unwritten).
+    Each call runs its forward again here, so no call's output is kept between the passes."""
+    q, k, v, layout, call_of_token = residuals
+    grads = tuple(jnp.zeros_like(x) for x in (q, k, v))
+    for index, call in enumerate(_call_layouts(layout, per_call)):
+        mine = (call_of_token == index)[:, :, None, None]
+        _, pullback = jax.vjp(lambda q, k, v, call=call: _packed_kernel(q, k, v, call, scale), q, k, v)
+        grads = tuple(jnp.where(mine, new, old) for new, old in zip(pullback(d_out), grads, strict=True))
+        d_out, grads = jax.lax.optimization_barrier((d_out, grads))
+    return (*grads, None, None)
+
+
+_packed_in_calls.defvjp(_packed_in_calls_forward, _packed_in_calls_backward)
+
+
+def packed_flash_attention(
+    q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, layout: PackedLayout, scale=None
+) -> jax.Array:
+    """Causal attention inside each packed sequence on cuDNN's flash kernel (grouped-query heads
+    as is), the slots a group at a time (PACKED_PAIRS_PER_CALL). Padding tokens, in no sequence,
+    get zero output and no gradient."""
+    rows, length, head_dim = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
+    per_call = _slots_per_call(rows)
+    call_of_token = _call_of_token(layout, length, per_call)
+    scale = head_dim**-0.5 if scale is None else scale
+    return _packed_in_calls(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, layout, call_of_token, per_call, scale)

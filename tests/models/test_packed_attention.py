@@ -24,28 +24,60 @@ def test_layout_from_segment_starts():
     np.testing.assert_array_equal(layout.lengths, [[3, 2, 1, -1], [-1, -1, -1, -1]])
 
 
+@jax.custom_vjp
+def _unwritten_gradient(x, written):
+    """x as it is; its gradient NaN where `written` is False (B, T), as the kernel leaves it."""
+    return x
+
+
+def _unwritten_gradient_fwd(x, written):
+    return x, written
+
+
+def _unwritten_gradient_bwd(written, grad):
+    return jnp.where(written[:, :, None, None], grad, jnp.nan), None
+
+
+_unwritten_gradient.defvjp(_unwritten_gradient_fwd, _unwritten_gradient_bwd)
+
+
 def _xla_kernel(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type, qkv_layout):
     """cuDNN's packed attention on XLA: causal inside each (offset, length) segment; NaN for tokens
-    in no segment, which the kernel does not write."""
+    in no segment of this call, in the output and in the gradients, which the kernel does not write."""
     assert (mask_type, qkv_layout) == (attention.cudnn_attention.MaskType.PADDING_CAUSAL, "BTNH")
+    _CALLS.append(q_seqlen.shape)
     t = jnp.arange(q.shape[1])
     inside = (t[None, None, :] >= q_offsets[:, :-1, None]) & (
         t[None, None, :] < (q_offsets[:, :-1] + q_seqlen)[:, :, None]
     )  # (B, M, T)
     segment = jnp.where(inside.any(1), jnp.argmax(inside, axis=1), -1)
+    q, k, v = (_unwritten_gradient(x, segment >= 0) for x in (q, k, v))
     mask = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0) & (t[:, None] >= t)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
     return jnp.where((segment >= 0)[:, :, None, None], out, jnp.nan)
 
 
-@pytest.mark.parametrize("remat", ["offload_attention", "full"])
-def test_packed_rows_on_the_packed_kernel_equal_the_segment_mask(monkeypatch, remat):
+_CALLS: list[tuple[int, ...]] = []  # the (rows, slots) of each call of the stand-in
+
+
+@pytest.mark.parametrize(
+    ("remat", "pairs_per_call", "slots_per_call"),
+    [("offload_attention", 8, 4), ("full", 8, 4), ("full", 2, 2)],
+)
+def test_packed_rows_on_the_packed_kernel_equal_the_segment_mask(
+    monkeypatch, remat, pairs_per_call, slots_per_call
+):
     """Loss and LoRA gradients of packed rows (3 examples in one row, padding after, an odd length
-    the flash path pads to 64) through the packed path equal the (T, T) segment mask's on XLA.
+    the flash path pads to 64) through the packed path equal the (T, T) segment mask's on XLA,
+    with the 4 slots in one call of the kernel or in two (PACKED_PAIRS_PER_CALL 2 over 2 rows:
+    the third example is in the second call, and NaN where a call leaves its output or gradient
+    unwritten would reach the loss or the gradients if a call's were taken elsewhere).
     Float32, the same sums in another order: the loss to 1e-5 relative; the gradients, sums that
     cancel, to 1e-5 of the largest gradient (the mask path itself, run on the rows padded to 64,
     moves them by up to 1.5e-6 of it; attending across examples moves them by ~1e-2)."""
     monkeypatch.setattr(attention.cudnn_attention, "dot_product_attention", _xla_kernel)
+    monkeypatch.setattr(attention, "PACKED_PAIRS_PER_CALL", pairs_per_call)
+    _CALLS.clear()
     rng = np.random.default_rng(0)
     examples = [Example(list(rng.integers(0, 256, n)), [i >= 2 for i in range(n)]) for n in (9, 5, 12, 20)]
     batch = packing.stack(packing.pack(examples, seq_len=37, max_segments=4))
@@ -64,6 +96,7 @@ def test_packed_rows_on_the_packed_kernel_equal_the_segment_mask(monkeypatch, re
             return total / count
 
         results[impl] = jax.jit(jax.value_and_grad(loss))(adapters)
+    assert set(_CALLS) == {(2, slots_per_call)}  # every call of one shape: the rows, the call's slots
     (loss_packed, grads_packed), (loss_masked, grads_masked) = results["cudnn"], results["xla"]
     assert np.isfinite(float(loss_packed))
     np.testing.assert_allclose(float(loss_packed), float(loss_masked), rtol=1e-5)
