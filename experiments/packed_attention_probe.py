@@ -5,7 +5,7 @@ tok/s where the bench's unpacked rows ran cuDNN at ~8,100). Checks the output an
 gradients on real tokens against a float32 reference, and times forward + backward of each path
 with the device memory its compiled program plans for temporaries (the packed kernel's backward
 workspace grows with rows x slots: the model's path, `attention.packed_flash_attention`, calls it
-a group of slots at a time). Writes $OUT/packed_attention_probe.json.
+row by row, a group of slots at a time). Writes $OUT/packed_attention_probe.json.
 
 cuDNN's packed layout takes, per row, each segment's start (`q_offsets`, [B, M + 1]) and length
 (`q_seqlen`, [B, M]), -1 past the row's last segment, M a static bound on segments per row; the
@@ -105,7 +105,7 @@ def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[di
         "cudnn_packed_padding_causal": packed,
         "cudnn_packed_causal": lambda q, k, v: packed(q, k, v, mask_type=cudnn.MaskType.CAUSAL),
         "cudnn_packed_bound_T_over_64": lambda q, k, v: packed(q, k, v, bound=length // 64),
-        "model_packed_in_calls_32_slots": lambda q, k, v: attention.packed_flash_attention(
+        "model_path_row_by_row_32_slots": lambda q, k, v: attention.packed_flash_attention(
             q, k, v, attention.packed_layout(jnp.asarray(packing.segment_starts(ids_np, 32))), scale
         ),
         "cudnn_unpacked_causal": unpacked_causal,

@@ -122,14 +122,9 @@ def packed_layout(segment_starts_BxS: jax.Array) -> PackedLayout:
 # cuDNN's packed backward sizes its float32 workspace as if every (row, slot) pair held a whole
 # row: rows x slots x heads x length x (8 x head_dim + 4) bytes, 2 GiB for Llama-3-8B's heads at
 # 1 x 2048 with 32 slots (XLA's buffer assignment, call issue18-h200-cc80ebc), against 64 MiB for
-# the unpacked row. So the slots go to the kernel a group at a time, one call after another, each
-# call at most this many (row, slot) pairs: a call's workspace is that of 8 unpacked rows or less.
-PACKED_PAIRS_PER_CALL = 8
-
-
-def _slots_per_call(rows: int) -> int:
-    """At least 2: with one slot the kernel takes the offsets as unpacked rows."""
-    return max(2, PACKED_PAIRS_PER_CALL // rows)
+# the unpacked row. So each row goes to the kernel on its own, this many slots a call: a call's
+# workspace is that of 8 unpacked rows, whatever the batch and the slot count.
+PACKED_SLOTS_PER_CALL = 8
 
 
 def _call_layouts(layout: PackedLayout, per_call: int) -> list[PackedLayout]:
@@ -147,11 +142,11 @@ def _call_layouts(layout: PackedLayout, per_call: int) -> list[PackedLayout]:
 
 
 def _call_of_token(layout: PackedLayout, length: int, per_call: int) -> jax.Array:
-    """(B, T): the index of the call whose slots hold each token's sequence; -1 for padding."""
+    """(B, T): 1 + the index of the call whose slots hold each token's sequence; 0 for padding."""
     t = jnp.arange(length)
     starts = layout.offsets[:, :-1, None]
     inside = (t >= starts) & (t < starts + layout.lengths[:, :, None])  # (B, M, T)
-    return jnp.where(inside.any(axis=1), jnp.argmax(inside, axis=1) // per_call, -1)
+    return jnp.where(inside.any(axis=1), jnp.argmax(inside, axis=1) // per_call + 1, 0)
 
 
 def _packed_kernel(q, k, v, layout: PackedLayout, scale: float) -> jax.Array:
@@ -169,46 +164,61 @@ def _packed_kernel(q, k, v, layout: PackedLayout, scale: float) -> jax.Array:
     )
 
 
+def _taken_per_token(call_of_token: jax.Array, per_call_values: list[jax.Array]) -> jax.Array:
+    """Each token's value from the call that holds its sequence (a call leaves the others
+    unwritten), zero for padding."""
+    like = per_call_values[0]
+    which = jnp.broadcast_to(call_of_token[:, :, None, None], like.shape)
+    return jax.lax.select_n(which, jnp.zeros_like(like), *per_call_values)
+
+
+def _rows(*arrays):
+    """Each row of the arrays (leading axis), its axis kept."""
+    return [[x[row : row + 1] for x in arrays] for row in range(arrays[0].shape[0])]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _packed_in_calls(q, k, v, layout, call_of_token, per_call: int, scale: float) -> jax.Array:
-    return _packed_in_calls_forward(q, k, v, layout, call_of_token, per_call, scale)[0]
+def _packed_row_by_row(q, k, v, layout, call_of_token, per_call: int, scale: float) -> jax.Array:
+    return _packed_row_by_row_forward(q, k, v, layout, call_of_token, per_call, scale)[0]
 
 
-def _packed_in_calls_forward(q, k, v, layout, call_of_token, per_call, scale):
-    """Each call's output taken where its sequences are; the barrier runs the calls one after
-    another, so one call's workspace and output are live at a time."""
-    inputs, out = (q, k, v), jnp.zeros_like(q)
-    for index, call in enumerate(_call_layouts(layout, per_call)):
-        mine = (call_of_token == index)[:, :, None, None]
-        out = jnp.where(mine, _packed_kernel(q, k, v, call, scale), out)
-        q, k, v, out = jax.lax.optimization_barrier((q, k, v, out))
-    return out, (*inputs, layout, call_of_token)
+def _packed_row_by_row_forward(q, k, v, layout, call_of_token, per_call, scale):
+    """Row by row (the barrier orders them, so one row's calls are live at a time)."""
+    outs, previous = [], ()
+    for q_r, k_r, v_r, offsets, lengths, calls_r in _rows(q, k, v, *layout, call_of_token):
+        q_r, k_r, v_r, previous = jax.lax.optimization_barrier((q_r, k_r, v_r, previous))
+        calls = _call_layouts(PackedLayout(offsets, lengths), per_call)
+        previous = _taken_per_token(calls_r, [_packed_kernel(q_r, k_r, v_r, c, scale) for c in calls])
+        outs.append(previous)
+    return jnp.concatenate(outs), (q, k, v, layout, call_of_token)
 
 
-def _packed_in_calls_backward(per_call, scale, residuals, d_out):
-    """Each call's gradients taken at its own tokens (the kernel leaves the others unwritten).
-    Each call runs its forward again here, so no call's output is kept between the passes."""
+def _packed_row_by_row_backward(per_call, scale, residuals, d_out):
+    """Each call's forward runs again here, so no call's output is kept between the passes."""
     q, k, v, layout, call_of_token = residuals
-    grads = tuple(jnp.zeros_like(x) for x in (q, k, v))
-    for index, call in enumerate(_call_layouts(layout, per_call)):
-        mine = (call_of_token == index)[:, :, None, None]
-        _, pullback = jax.vjp(lambda q, k, v, call=call: _packed_kernel(q, k, v, call, scale), q, k, v)
-        grads = tuple(jnp.where(mine, new, old) for new, old in zip(pullback(d_out), grads, strict=True))
-        d_out, grads = jax.lax.optimization_barrier((d_out, grads))
-    return (*grads, None, None)
+    grads, previous = [], ()
+    for q_r, k_r, v_r, d_r, offsets, lengths, calls_r in _rows(q, k, v, d_out, *layout, call_of_token):
+        q_r, k_r, v_r, d_r, previous = jax.lax.optimization_barrier((q_r, k_r, v_r, d_r, previous))
+        per_call_grads = []
+        for call in _call_layouts(PackedLayout(offsets, lengths), per_call):
+            _, pullback = jax.vjp(lambda q, k, v, c=call: _packed_kernel(q, k, v, c, scale), q_r, k_r, v_r)
+            per_call_grads.append(pullback(d_r))
+        previous = tuple(_taken_per_token(calls_r, list(g)) for g in zip(*per_call_grads, strict=True))
+        grads.append(previous)
+    return (*(jnp.concatenate(g) for g in zip(*grads, strict=True)), None, None)
 
 
-_packed_in_calls.defvjp(_packed_in_calls_forward, _packed_in_calls_backward)
+_packed_row_by_row.defvjp(_packed_row_by_row_forward, _packed_row_by_row_backward)
 
 
 def packed_flash_attention(
     q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, layout: PackedLayout, scale=None
 ) -> jax.Array:
     """Causal attention inside each packed sequence on cuDNN's flash kernel (grouped-query heads
-    as is), the slots a group at a time (PACKED_PAIRS_PER_CALL). Padding tokens, in no sequence,
-    get zero output and no gradient."""
-    rows, length, head_dim = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
-    per_call = _slots_per_call(rows)
+    as is), a row and PACKED_SLOTS_PER_CALL slots a call. Padding tokens, in no sequence, get
+    zero output and no gradient."""
+    length, head_dim = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1]
+    per_call = min(PACKED_SLOTS_PER_CALL, max(layout.lengths.shape[1], 2))  # 1 slot: read as unpacked
     call_of_token = _call_of_token(layout, length, per_call)
     scale = head_dim**-0.5 if scale is None else scale
-    return _packed_in_calls(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, layout, call_of_token, per_call, scale)
+    return _packed_row_by_row(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, layout, call_of_token, per_call, scale)

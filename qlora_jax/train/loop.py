@@ -142,6 +142,8 @@ def train_and_evaluate(run: RunConfig) -> dict[str, Any]:
         resume(r, lead)
     start_step = int(r.state.step)
     summary: dict[str, Any] = {"memory_estimate": report_memory(first_compile(r))}
+    # the compile's own peak (XLA's GPU autotuner, skipped when the step comes from the cache)
+    summary["peak_device_bytes_after_compile"] = _peak_device_bytes()
     if lead:
         write_json(run.output_dir, "summary.json", summary)
     writer = MetricsWriter(run.output_dir if lead else None, tensorboard)

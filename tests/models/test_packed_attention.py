@@ -61,22 +61,22 @@ _CALLS: list[tuple[int, ...]] = []  # the (rows, slots) of each call of the stan
 
 
 @pytest.mark.parametrize(
-    ("remat", "pairs_per_call", "slots_per_call"),
-    [("offload_attention", 8, 4), ("full", 8, 4), ("full", 2, 2)],
+    ("remat", "slots_per_call", "call_slots"),
+    [("offload_attention", 8, 8), ("full", 8, 8), ("full", 2, 2)],
 )
 def test_packed_rows_on_the_packed_kernel_equal_the_segment_mask(
-    monkeypatch, remat, pairs_per_call, slots_per_call
+    monkeypatch, remat, slots_per_call, call_slots
 ):
     """Loss and LoRA gradients of packed rows (3 examples in one row, padding after, an odd length
     the flash path pads to 64) through the packed path equal the (T, T) segment mask's on XLA,
-    with the 4 slots in one call of the kernel or in two (PACKED_PAIRS_PER_CALL 2 over 2 rows:
-    the third example is in the second call, and NaN where a call leaves its output or gradient
-    unwritten would reach the loss or the gradients if a call's were taken elsewhere).
+    each row in calls of its own, its 32 slots 8 or 2 a call (PACKED_SLOTS_PER_CALL 2: the third
+    example is in the second call, and NaN where a call leaves its output or gradient unwritten
+    would reach the loss or the gradients if a call's were taken elsewhere).
     Float32, the same sums in another order: the loss to 1e-5 relative; the gradients, sums that
     cancel, to 1e-5 of the largest gradient (the mask path itself, run on the rows padded to 64,
     moves them by up to 1.5e-6 of it; attending across examples moves them by ~1e-2)."""
     monkeypatch.setattr(attention.cudnn_attention, "dot_product_attention", _xla_kernel)
-    monkeypatch.setattr(attention, "PACKED_PAIRS_PER_CALL", pairs_per_call)
+    monkeypatch.setattr(attention, "PACKED_SLOTS_PER_CALL", slots_per_call)
     _CALLS.clear()
     rng = np.random.default_rng(0)
     examples = [Example(list(rng.integers(0, 256, n)), [i >= 2 for i in range(n)]) for n in (9, 5, 12, 20)]
@@ -96,7 +96,7 @@ def test_packed_rows_on_the_packed_kernel_equal_the_segment_mask(
             return total / count
 
         results[impl] = jax.jit(jax.value_and_grad(loss))(adapters)
-    assert set(_CALLS) == {(2, slots_per_call)}  # every call of one shape: the rows, the call's slots
+    assert set(_CALLS) == {(1, call_slots)}  # every call of one shape: one row, the call's slots
     (loss_packed, grads_packed), (loss_masked, grads_masked) = results["cudnn"], results["xla"]
     assert np.isfinite(float(loss_packed))
     np.testing.assert_allclose(float(loss_packed), float(loss_masked), rtol=1e-5)
