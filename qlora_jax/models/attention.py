@@ -150,6 +150,7 @@ def _call_of_token(layout: PackedLayout, length: int, per_call: int) -> jax.Arra
 
 
 def _packed_kernel(q, k, v, layout: PackedLayout, scale: float) -> jax.Array:
+    """One call of cuDNN's packed kernel on the sequences in `layout`'s slots."""
     return cudnn_attention.dot_product_attention(
         q,
         k,
@@ -179,6 +180,7 @@ def _rows(*arrays):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _packed_row_by_row(q, k, v, layout, call_of_token, per_call: int, scale: float) -> jax.Array:
+    """Packed attention a row and `per_call` slots a kernel call (`packed_flash_attention`)."""
     return _packed_row_by_row_forward(q, k, v, layout, call_of_token, per_call, scale)[0]
 
 
