@@ -73,16 +73,19 @@ def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[di
         q, k, v = (t.astype(dtype) for t in (q, k, v))
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
+    def layout(bound: int) -> attention.PackedLayout:  # as the model derives it from a batch
+        return attention.packed_layout(jnp.asarray(packing.segment_starts(ids_np, bound)))
+
     def packed(q, k, v, bound=max_segments, mask_type=cudnn.MaskType.PADDING_CAUSAL):
-        layout = attention.packed_layout(jnp.asarray(packing.segment_starts(ids_np, bound)))
+        rows_layout = layout(bound)
         return cudnn.dot_product_attention(
             q,
             k,
             v,
-            q_seqlen=layout.lengths,
-            kv_seqlen=layout.lengths,
-            q_offsets=layout.offsets,
-            kv_offsets=layout.offsets,
+            q_seqlen=rows_layout.lengths,
+            kv_seqlen=rows_layout.lengths,
+            q_offsets=rows_layout.offsets,
+            kv_offsets=rows_layout.offsets,
             scale=scale,
             mask_type=mask_type,
             qkv_layout="BTNH",
@@ -106,7 +109,7 @@ def probe(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> list[di
         "cudnn_packed_causal": lambda q, k, v: packed(q, k, v, mask_type=cudnn.MaskType.CAUSAL),
         "cudnn_packed_bound_T_over_64": lambda q, k, v: packed(q, k, v, bound=length // 64),
         "model_path_row_by_row_32_slots": lambda q, k, v: attention.packed_flash_attention(
-            q, k, v, attention.packed_layout(jnp.asarray(packing.segment_starts(ids_np, 32))), scale
+            q, k, v, layout(32), scale
         ),
         "cudnn_unpacked_causal": unpacked_causal,
     }
